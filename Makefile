@@ -1,0 +1,40 @@
+# Sender Filter: `make run` starts the appliance, `make test` runs every test.
+VENV := .venv
+PY := $(VENV)/bin/python
+SYSTEM_PACKAGES := iptables ipset postfix swaks dnsmasq-base conntrack iproute2 procps
+
+.PHONY: run test lint format system-packages clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+# As root, install the Debian packages the appliance and its tests drive.
+system-packages:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  missing=$$(for p in $(SYSTEM_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  fi; \
+	else echo "not root: system packages not checked; kernel and Postfix tests will skip"; fi
+
+run: $(VENV)/.installed
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH ./scripts/run-demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: system-packages $(VENV)/.installed lint
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,84 @@
+"""Sender addresses: how an IP is counted, stored, searched and guarded."""
+
+import ipaddress
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+WIDEST = {4: 0, 6: 0}
+
+
+class AddressError(ValueError):
+    """Text that is not an IP address or network, or one that may not be used."""
+
+
+def parse_ip(text):
+    """An IPv4 or IPv6 address; `::ffff:a.b.c.d` becomes a.b.c.d."""
+    text = text.strip().strip("[]")
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise AddressError(f"{text!r} is not an IP address") from exc
+    if address.version == 6 and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def parse_network(text):
+    """An address or CIDR network, host bits cleared (`192.0.2.9/24` is refused)."""
+    text = text.strip()
+    if "/" not in text:
+        address = parse_ip(text)
+        return ipaddress.ip_network(address)
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise AddressError(f"{text!r} is not an IP address or CIDR network") from exc
+    if network.version == 6 and network.network_address.ipv4_mapped:
+        mapped = network.network_address.ipv4_mapped
+        prefix = max(network.prefixlen - 96, 0)
+        return ipaddress.ip_network(f"{mapped}/{prefix}", strict=False)
+    return network
+
+
+def sender_of(address, ipv6_prefix=64):
+    """The network a sender is counted and blocked as: /32, or /64 for IPv6."""
+    if isinstance(address, str):
+        address = parse_ip(address)
+    if address.version == 4:
+        return ipaddress.ip_network(address)
+    return ipaddress.ip_network(f"{address}/{ipv6_prefix}", strict=False)
+
+
+def sender_text(network):
+    """How a sender network reads: a bare address for a single host."""
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return str(network)
+
+
+def key_of(address):
+    """A sortable 32-hex-digit key; IPv4 sorts in the ::ffff:0:0/96 range."""
+    if address.version == 4:
+        return format((0xFFFF << 32) | int(address), "032x")
+    return format(int(address), "032x")
+
+
+def key_range(network):
+    """The first and last key a network covers, for BETWEEN queries."""
+    return key_of(network.network_address), key_of(network.broadcast_address)
+
+
+def covers(outer, inner):
+    """Whether network `outer` contains all of network `inner`."""
+    return outer.version == inner.version and inner.subnet_of(outer)
+
+
+def overlaps(first, second):
+    """Whether two networks share any address."""
+    return first.version == second.version and first.overlaps(second)
+
+
+def is_loopback(network):
+    """Whether a network touches the loopback ranges."""
+    return any(overlaps(network, loop) for loop in LOOPBACK)

@@ -1,0 +1,165 @@
+"""Settings read from the TOML config file, with SPEC defaults."""
+
+import os
+import tomllib
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import fields
+from dataclasses import replace
+from pathlib import Path
+
+DEFAULT_PATHS = ("/etc/sender-filter/config.toml", "var/config.toml")
+THREAT_TYPES = ("spam", "virus", "dha", "bounce")
+ACTIONS = ("temporary", "permanent", "monitor")
+
+
+class ConfigError(Exception):
+    """The config file is missing, unreadable or holds a bad value."""
+
+
+@dataclass(frozen=True)
+class RuleDefaults:
+    """One threat type's rule as SPEC §2 sets it out; durations in seconds."""
+
+    enabled: bool = True
+    window: int = 3600
+    rate: float = 20.0
+    messages: int = 100
+    action: str = "temporary"
+    duration: int = 3600
+    recipients: int = 10
+    unknown_recipients: int = 5
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the appliance reads from its config file."""
+
+    path: Path
+    database: Path
+    log_files: tuple[str, ...] = ()
+    ipv6_prefix: int = 64
+    widest_v4: int = 16
+    widest_v6: int = 32
+    own_addresses: tuple[str, ...] = ()
+    enforcement: str = "auto"
+    ports: tuple[int, ...] = (25, 465, 587)
+    all_ports: bool = False
+    verdict: str = "REJECT"
+    set_v4: str = "sender_filter_v4"
+    set_v6: str = "sender_filter_v6"
+    chain: str = "SENDER_FILTER"
+    set_size: int = 262144
+    sync_interval: float = 1.0
+    web_host: str = "127.0.0.1"
+    web_port: int = 8080
+    secret_key_file: Path = Path("var/secret_key")
+    session_minutes: int = 60
+    nameservers: tuple[str, ...] = ()
+    dns_timeout: float = 1.0
+    rules: dict = field(default_factory=dict)
+
+    def rule_defaults(self, threat_type):
+        """The config's seed values for a threat type's rule."""
+        return self.rules.get(threat_type, RuleDefaults())
+
+
+def config_path(explicit=None):
+    """Pick the config file as SPEC §10 says: flag, environment, /etc, ./var."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get("SENDER_FILTER_CONFIG")
+    if from_env:
+        return Path(from_env)
+    for candidate in DEFAULT_PATHS:
+        if Path(candidate).exists():
+            return Path(candidate)
+    return Path(DEFAULT_PATHS[-1])
+
+
+def load(explicit=None):
+    """Read the config file; relative paths in it are relative to the file."""
+    path = config_path(explicit)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
+    return from_mapping(raw, path)
+
+
+def from_mapping(raw, path):
+    """Build Settings from a parsed TOML mapping."""
+    base = path.resolve().parent
+
+    def resolve(value):
+        value = Path(value)
+        return value if value.is_absolute() else base / value
+
+    database = raw.get("database", {})
+    logs = raw.get("logs", {})
+    network = raw.get("network", {})
+    enforcement = raw.get("enforcement", {})
+    web = raw.get("web", {})
+    dns = raw.get("dns", {})
+    ports = enforcement.get("ports", [25, 465, 587])
+
+    settings = Settings(
+        path=path,
+        database=resolve(database.get("path", "sender-filter.db")),
+        log_files=tuple(str(resolve(f)) for f in logs.get("files", [])),
+        ipv6_prefix=_int(network, "ipv6_prefix", 64, 16, 128),
+        widest_v4=_int(network, "widest_v4", 16, 0, 32),
+        widest_v6=_int(network, "widest_v6", 32, 0, 128),
+        own_addresses=tuple(network.get("own_addresses", [])),
+        enforcement=_choice(enforcement, "backend", "auto", ("auto", "kernel", "dry-run")),
+        ports=() if ports == "all" else tuple(int(p) for p in ports),
+        all_ports=ports == "all",
+        verdict=_choice(enforcement, "verdict", "REJECT", ("REJECT", "DROP")),
+        set_v4=enforcement.get("set_v4", "sender_filter_v4"),
+        set_v6=enforcement.get("set_v6", "sender_filter_v6"),
+        chain=enforcement.get("chain", "SENDER_FILTER"),
+        set_size=_int(enforcement, "set_size", 262144, 1024, 1 << 26),
+        sync_interval=float(enforcement.get("sync_interval", 1.0)),
+        web_host=web.get("host", "127.0.0.1"),
+        web_port=_int(web, "port", 8080, 1, 65535),
+        secret_key_file=resolve(web.get("secret_key_file", "secret_key")),
+        session_minutes=_int(web, "session_minutes", 60, 1, 7 * 24 * 60),
+        nameservers=tuple(dns.get("nameservers", [])),
+        dns_timeout=float(dns.get("timeout", 1.0)),
+        rules={t: _rule(raw.get("rules", {}).get(t, {}), t) for t in THREAT_TYPES},
+    )
+    return settings
+
+
+def _rule(raw, threat_type):
+    """Rule seed values for one type, checked against the SPEC §2 limits."""
+    known = {f.name for f in fields(RuleDefaults)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"rules.{threat_type}: unknown key {sorted(unknown)[0]}")
+    rule = replace(RuleDefaults(), **raw)
+    if rule.action not in ACTIONS:
+        raise ConfigError(f"rules.{threat_type}.action must be one of {ACTIONS}")
+    if not 0 < rule.duration <= 30 * 86400:
+        raise ConfigError(f"rules.{threat_type}.duration must be 1 s to 30 days")
+    if not 60 <= rule.window <= 30 * 86400:
+        raise ConfigError(f"rules.{threat_type}.window must be 1 minute to 30 days")
+    return rule
+
+
+def _int(section, key, default, low, high):
+    """An integer setting within [low, high]."""
+    value = section.get(key, default)
+    if not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{key} must be an integer from {low} to {high}")
+    return value
+
+
+def _choice(section, key, default, allowed):
+    """A setting that must be one of a few words."""
+    value = section.get(key, default)
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}")
+    return value

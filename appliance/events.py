@@ -1,0 +1,22 @@
+"""What a log source hands the profiler: one event per counted fact."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class MailEvent:
+    """Something a sender IP did, at event time `ts` (epoch seconds, UTC).
+
+    `message` is 1 when this event is a new SMTP transaction from the IP, 0
+    when it adds to one already counted (a verdict, more recipients).
+    `violations` names the threat types this transaction violates, each at
+    most once per transaction. `recipients` and `unknown` are recipients the
+    transaction named and how many of those do not exist.
+    """
+
+    ts: float
+    ip: str
+    message: int = 0
+    violations: tuple[str, ...] = ()
+    recipients: int = 0
+    unknown: int = 0

@@ -1,0 +1,282 @@
+"""The small service API the console, the CLI and the daemon share.
+
+Blocks and approvals go through here so that the lock-out guard, the audit
+log and the database stay one story whoever acts. The kernel is not touched
+here: the enforcement loop in the daemon makes the kernel follow the database.
+"""
+
+import logging
+import secrets
+import time
+from dataclasses import asdict
+
+from werkzeug.security import generate_password_hash
+
+from appliance import addresses
+from appliance.config import THREAT_TYPES
+from appliance.models import Admin
+from appliance.models import ApprovedHost
+from appliance.models import AuditEntry
+from appliance.models import Block
+from appliance.models import Rule
+from appliance.models import SuspiciousEntry
+from appliance.models import db
+
+log = logging.getLogger(__name__)
+
+MAX_DURATION = 30 * 86400
+
+
+class Refused(Exception):
+    """A block or list change that the guard or the lists do not allow."""
+
+
+class AlreadyBlocked(Refused):
+    """The address is already covered by an active block."""
+
+    def __init__(self, block):
+        super().__init__(f"{block.target} is already blocked")
+        self.block = block
+
+
+class Guard:
+    """What may never be blocked: loopback, our own addresses, over-wide ranges."""
+
+    def __init__(self, settings):
+        self.widest = {4: settings.widest_v4, 6: settings.widest_v6}
+        self.own = [addresses.parse_network(a) for a in settings.own_addresses]
+
+    def check(self, network):
+        """Raise Refused with the reason when `network` may not be blocked."""
+        if network.prefixlen < self.widest[network.version]:
+            raise Refused(
+                f"{network} is wider than /{self.widest[network.version]}, "
+                "the widest range a block may cover"
+            )
+        if addresses.is_loopback(network):
+            raise Refused(f"{network} covers loopback, which is always approved")
+        for own in self.own:
+            if addresses.overlaps(network, own):
+                raise Refused(f"{network} covers the appliance's own address {own}")
+        approved = approved_overlapping(network)
+        if approved is not None:
+            raise Refused(f"{network} covers approved {approved.target}")
+
+
+_guard = None
+
+
+def configure(settings):
+    """Set the guard from settings; call once a process after connecting."""
+    global _guard
+    _guard = Guard(settings)
+
+
+def audit(actor, action, target, detail=""):
+    """Add a line to the sender filtering log."""
+    AuditEntry.create(actor=actor, action=action, target=target, detail=detail)
+
+
+def approved_overlapping(network):
+    """The approved entry sharing an address with `network`, if any."""
+    first, last = addresses.key_range(network)
+    return (
+        ApprovedHost.select()
+        .where((ApprovedHost.key_first <= last) & (ApprovedHost.key_last >= first))
+        .first()
+    )
+
+
+def block_covering(network, at):
+    """The block in force over all of `network` at event time `at`, if any."""
+    first, last = addresses.key_range(network)
+    return (
+        Block.select()
+        .where(
+            (Block.key_first <= first)
+            & (Block.key_last >= last)
+            & (Block.created_at <= at)
+            & (Block.expires_at.is_null() | (Block.expires_at > at))
+            & (Block.lifted_at.is_null() | (Block.lift_reason == "expired"))
+        )
+        .order_by(Block.id.desc())
+        .first()
+    )
+
+
+def block_network(network, *, threat_type, duration, actor, reason, now=None):
+    """Block a network for `duration` seconds, or for good when None."""
+    now = time.time() if now is None else now
+    if duration is not None and not 0 < duration <= MAX_DURATION:
+        raise Refused("a temporary block lasts from 1 second to 30 days")
+    _guard.check(network)
+    target = addresses.sender_text(network)
+    existing = active_block(network, now)
+    if existing is not None:
+        raise AlreadyBlocked(existing)
+
+    first, last = addresses.key_range(network)
+    with db.atomic():
+        block = Block.create(
+            target=target,
+            key_first=first,
+            key_last=last,
+            threat_type=threat_type,
+            action="temporary" if duration else "permanent",
+            created_at=now,
+            expires_at=now + duration if duration else None,
+            created_by=actor,
+            reason=reason,
+            changed_at=time.time(),
+        )
+        audit(actor, "block", target, f"{_span(duration)}: {reason}")
+    log.info("%s blocked %s (%s)", target, _span(duration), reason)
+    return block
+
+
+def block(text, *, duration, actor, reason="", threat_type="manual"):
+    """Block an address or CIDR given as text (console, CLI, API)."""
+    try:
+        network = addresses.parse_network(text)
+    except addresses.AddressError as exc:
+        raise Refused(str(exc)) from exc
+    return block_network(
+        network, threat_type=threat_type, duration=duration, actor=actor, reason=reason
+    )
+
+
+def active_block(network, now=None):
+    """The block in force at `now` whose range equals or covers `network`."""
+    now = time.time() if now is None else now
+    first, last = addresses.key_range(network)
+    return (
+        Block.select()
+        .where(
+            Block.lifted_at.is_null()
+            & (Block.expires_at.is_null() | (Block.expires_at > now))
+            & (Block.key_first <= first)
+            & (Block.key_last >= last)
+        )
+        .first()
+    )
+
+
+def unblock(text, *, actor, reason="unblocked"):
+    """Lift every active block on exactly this address or CIDR."""
+    try:
+        target = addresses.sender_text(addresses.parse_network(text))
+    except addresses.AddressError as exc:
+        raise Refused(str(exc)) from exc
+    lifted = lift(Block.target == target, actor=actor, reason=reason)
+    if not lifted:
+        raise Refused(f"{target} is not blocked")
+    return lifted
+
+
+def lift(condition, *, actor, reason, now=None):
+    """Lift the active blocks matching `condition`; returns their targets."""
+    now = time.time() if now is None else now
+    with db.atomic():
+        blocks = list(Block.select().where(Block.lifted_at.is_null() & condition))
+        for lifted in blocks:
+            lifted.lifted_at = now
+            lifted.lift_reason = reason
+            lifted.changed_at = time.time()
+            lifted.save()
+            audit(actor, reason, lifted.target, f"block #{lifted.id} lifted")
+    for lifted in blocks:
+        log.info("%s unblocked (%s)", lifted.target, reason)
+    return [b.target for b in blocks]
+
+
+def expire_due(now=None):
+    """Lift temporary blocks whose end has passed; returns their targets."""
+    now = time.time() if now is None else now
+    due = Block.expires_at.is_null(False) & (Block.expires_at <= now)
+    return lift(due, actor="scheduler", reason="expired", now=now)
+
+
+def active_blocks(now=None):
+    """Blocks in force now, oldest first."""
+    now = time.time() if now is None else now
+    return list(
+        Block.select()
+        .where(
+            Block.lifted_at.is_null()
+            & (Block.expires_at.is_null() | (Block.expires_at > now))
+        )
+        .order_by(Block.id)
+    )
+
+
+def approve(text, *, actor, note=""):
+    """Put an address or CIDR on the approved list and lift blocks on it."""
+    try:
+        network = addresses.parse_network(text)
+    except addresses.AddressError as exc:
+        raise Refused(str(exc)) from exc
+    target = addresses.sender_text(network)
+    if ApprovedHost.get_or_none(ApprovedHost.target == target) is not None:
+        raise Refused(f"{target} is already approved")
+
+    first, last = addresses.key_range(network)
+    with db.atomic():
+        ApprovedHost.create(
+            target=target, key_first=first, key_last=last, created_by=actor, note=note
+        )
+        audit(actor, "approve", target, note)
+    overlapping = (Block.key_first <= last) & (Block.key_last >= first)
+    lift(overlapping, actor=actor, reason="approved")
+    return target
+
+
+def unapprove(text, *, actor):
+    """Take an address or CIDR off the approved list."""
+    try:
+        target = addresses.sender_text(addresses.parse_network(text))
+    except addresses.AddressError as exc:
+        raise Refused(str(exc)) from exc
+    with db.atomic():
+        removed = ApprovedHost.delete().where(ApprovedHost.target == target).execute()
+        if removed:
+            audit(actor, "unapprove", target)
+    if not removed:
+        raise Refused(f"{target} is not on the approved list")
+    return target
+
+
+def seed_rules(settings):
+    """Create any missing rule from the config's seed values."""
+    for threat_type in THREAT_TYPES:
+        values = asdict(settings.rule_defaults(threat_type))
+        Rule.get_or_create(threat_type=threat_type, defaults=values)
+
+
+def add_admin(username, password=None):
+    """Create an administrator; returns the password (generated when not given)."""
+    if not username or not username.isidentifier():
+        raise Refused("an administrator name is letters, digits and underscores")
+    password = password or secrets.token_urlsafe(12)
+    if Admin.get_or_none(Admin.username == username) is not None:
+        raise Refused(f"administrator {username} already exists")
+    Admin.create(username=username, password_hash=generate_password_hash(password))
+    audit("cli", "admin add", username)
+    return password
+
+
+def entries_for_block(block_id):
+    """Suspicious entries that point at a block."""
+    return list(SuspiciousEntry.select().where(SuspiciousEntry.block == block_id))
+
+
+def _span(duration):
+    """How long a block lasts, in words."""
+    if duration is None:
+        return "permanently"
+    if duration % 86400 == 0:
+        return f"{duration // 86400}d"
+    if duration % 3600 == 0:
+        return f"{duration // 3600}h"
+    if duration % 60 == 0:
+        return f"{duration // 60}m"
+    return f"{duration}s"

@@ -1,0 +1,1 @@
+"""Log sources: turn mail-log lines into MailEvents for the profiler."""
