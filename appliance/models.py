@@ -166,6 +166,7 @@ def connect(path):
             "foreign_keys": 1,
         },
         check_same_thread=False,
+        lock_type="IMMEDIATE",
     )
     db.initialize(database)
     database.connect(reuse_if_open=True)

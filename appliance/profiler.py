@@ -101,6 +101,7 @@ class Profiler:
         self.dirty = set()
         self.now = 0.0
         self.swept = 0.0
+        self.blocks_made = 0
         self.reload_rules()
 
     def reload_rules(self):
@@ -247,6 +248,8 @@ class Profiler:
             log.info("%s not blocked: %s", sender, refusal)
             return
 
+        else:
+            self.blocks_made += 1
         until = block.expires_at if block.expires_at is not None else FOREVER
         self.blocked_until[sender] = (until, block)
         for other in THREAT_TYPES:

@@ -21,6 +21,7 @@ from appliance.models import Block
 from appliance.models import Rule
 from appliance.models import SuspiciousEntry
 from appliance.models import db
+from appliance.timefmt import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,8 @@ def block_network(network, *, threat_type, duration, actor, reason, now=None):
             reason=reason,
             changed_at=time.time(),
         )
-        audit(actor, "block", target, f"{_span(duration)}: {reason}")
-    log.info("%s blocked %s (%s)", target, _span(duration), reason)
+        audit(actor, "block", target, f"{format_duration(duration)}: {reason}")
+    log.info("%s blocked %s (%s)", target, format_duration(duration), reason)
     return block
 
 
@@ -179,7 +180,8 @@ def lift(condition, *, actor, reason, now=None):
     with db.atomic():
         blocks = list(Block.select().where(Block.lifted_at.is_null() & condition))
         for lifted in blocks:
-            lifted.lifted_at = now
+            expired = reason == "expired" and lifted.expires_at is not None
+            lifted.lifted_at = min(now, lifted.expires_at) if expired else now
             lifted.lift_reason = reason
             lifted.changed_at = time.time()
             lifted.save()
@@ -267,16 +269,3 @@ def add_admin(username, password=None):
 def entries_for_block(block_id):
     """Suspicious entries that point at a block."""
     return list(SuspiciousEntry.select().where(SuspiciousEntry.block == block_id))
-
-
-def _span(duration):
-    """How long a block lasts, in words."""
-    if duration is None:
-        return "permanently"
-    if duration % 86400 == 0:
-        return f"{duration // 86400}d"
-    if duration % 3600 == 0:
-        return f"{duration // 3600}h"
-    if duration % 60 == 0:
-        return f"{duration // 60}m"
-    return f"{duration}s"

@@ -1,0 +1,289 @@
+"""The `sender-filter` command (SPEC §10)."""
+
+import argparse
+import json
+import logging
+import secrets
+import sys
+import time
+
+from appliance import config
+from appliance import models
+from appliance import service
+from appliance.timefmt import format_duration
+from appliance.timefmt import iso
+from appliance.timefmt import parse_duration
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit status 2."""
+
+
+def main(argv=None):
+    """Entry point: parse, run one subcommand, turn errors into one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    try:
+        settings = config.load(args.config)
+        if args.command != "init" and not settings.database.exists():
+            raise UsageError(
+                f"no database at {settings.database}: run `sender-filter init` first"
+            )
+        models.connect(settings.database)
+        service.configure(settings)
+        result = args.handler(settings, args)
+    except (config.ConfigError, UsageError, service.Refused, OSError) as exc:
+        print(f"sender-filter {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+    if result is not None:
+        emit(result, args.json)
+    return 0
+
+
+def emit(result, as_json):
+    """Print a result: JSON with --json, else its text form."""
+    payload, text = result
+    if as_json:
+        print(json.dumps(payload, indent=2, sort_keys=True))
+    elif text:
+        print(text)
+
+
+def build_parser():
+    """Every subcommand with its options."""
+    parser = argparse.ArgumentParser(prog="sender-filter", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (see SPEC §10 for the default)")
+    common.add_argument("--json", action="store_true", help="print JSON")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, handler, text):
+        sub = commands.add_parser(name, parents=[common], help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("init", cmd_init, "create the database and the first administrator")
+    command("run", cmd_run, "the daemon: follow logs, profile, schedule, enforce")
+    command("web", cmd_web, "the console (development server)")
+    command("status", cmd_status, "sources, lines read and skipped, blocks")
+    ingest = command("ingest", cmd_ingest, "read logs from their start (catch-up)")
+    ingest.add_argument("files", nargs="+", metavar="FILE")
+    suspicious = command("suspicious", cmd_suspicious, "the Suspicious IP log")
+    suspicious.add_argument("--type", action="append", dest="types", default=[])
+    suspicious.add_argument("--ip", default="")
+    suspicious.add_argument("--since", default="")
+    suspicious.add_argument("--until", default="")
+    suspicious.add_argument("--limit", type=int, default=100)
+    blocks = command("blocks", cmd_blocks, "active blocks")
+    blocks.add_argument("--all", action="store_true", help="lifted ones too")
+    block = command("block", cmd_block, "block an IP or CIDR")
+    block.add_argument("target")
+    span = block.add_mutually_exclusive_group()
+    span.add_argument("--for", dest="duration", default="1h", help="e.g. 30m, 1h, 2d")
+    span.add_argument("--permanent", action="store_true")
+    block.add_argument("--reason", default="")
+    for name, handler in (
+        ("unblock", cmd_unblock),
+        ("approve", cmd_approve),
+        ("unapprove", cmd_unapprove),
+    ):
+        command(name, handler, f"{name} an IP or CIDR").add_argument("target")
+    admin = command("admin", cmd_admin, "administrators")
+    admin.add_argument("action", choices=["add"])
+    admin.add_argument("name")
+    return parser
+
+
+def cmd_init(settings, args):
+    """Create the database, the rules and the first administrator."""
+    if not settings.secret_key_file.exists():
+        settings.secret_key_file.parent.mkdir(parents=True, exist_ok=True)
+        settings.secret_key_file.write_text(secrets.token_hex(32))
+        settings.secret_key_file.chmod(0o600)
+    service.seed_rules(settings)
+
+    if models.Admin.select().exists():
+        text = f"database {settings.database} ready; administrators already exist"
+        return {"database": str(settings.database), "admin": None}, text
+    password = service.add_admin("admin")
+    text = (
+        f"database {settings.database} ready\n"
+        f"administrator: admin\npassword: {password}  (shown once; keep it)"
+    )
+    return {"database": str(settings.database), "admin": "admin", "password": password}, text
+
+
+def cmd_run(settings, args):
+    """Run the daemon in the foreground."""
+    from appliance.daemon import Daemon
+    from enforcement import make_backend
+
+    Daemon(settings, make_backend(settings)).run()
+
+
+def cmd_web(settings, args):
+    """Serve the console with waitress (production uses gunicorn)."""
+    import waitress
+
+    from web import create_app
+
+    app = create_app(settings)
+    print(f"console on http://{settings.web_host}:{settings.web_port}/", flush=True)
+    waitress.serve(app, host=settings.web_host, port=settings.web_port, threads=8)
+
+
+def cmd_ingest(settings, args):
+    """Catch up on log files from where reading last stopped (or their start)."""
+    from appliance.ingest import read_files
+
+    summary = read_files(settings, args.files, progress=sys.stderr.isatty())
+    lifted = service.expire_due()
+    summary["expired_blocks"] = len(lifted)
+    text = (
+        f"{summary['lines']} lines read ({summary['skipped']} not understood), "
+        f"{summary['blocks']} blocks made, {summary['entries']} suspicious entries"
+    )
+    return summary, text
+
+
+def cmd_status(settings, args):
+    """Per-source counters and block totals."""
+    sources = [
+        {"path": c.path, "lines": c.lines, "skipped": c.skipped}
+        for c in models.SourceCounter.select().order_by(models.SourceCounter.path)
+    ]
+    active = len(service.active_blocks())
+    lines = [f"{s['path']}: {s['lines']} lines, {s['skipped']} not understood" for s in sources]
+    lines.append(f"{active} active blocks")
+    return {"sources": sources, "active_blocks": active}, "\n".join(lines)
+
+
+def cmd_suspicious(settings, args):
+    """The Suspicious IP log, newest first."""
+    from appliance.queries import SuspiciousQuery
+
+    query, errors = SuspiciousQuery.from_args(
+        {
+            "type": args.types,
+            "ip": args.ip,
+            "from": args.since,
+            "to": args.until,
+            "per_page": "100",
+        }
+    )
+    if errors:
+        raise UsageError("; ".join(f"{field}: {msg}" for field, msg in errors.items()))
+    rows = [entry_json(e) for e in query.rows(limit=args.limit)]
+    text = "\n".join(
+        f"{r['last_seen']}  {r['type']:<6} {r['ip']:<24} "
+        f"{r['violations']:>5}/{r['messages']:<5} {r['rate']:>6.2f}%  {r['status']}"
+        for r in rows
+    )
+    return rows, text or "no entries"
+
+
+def entry_json(entry):
+    """A suspicious entry as JSON."""
+    return {
+        "ip": entry.sender,
+        "type": entry.threat_type,
+        "first_seen": iso(entry.first_seen),
+        "last_seen": iso(entry.last_seen),
+        "violations": entry.violations,
+        "messages": entry.messages,
+        "rate": entry.rate,
+        "status": entry.status,
+        "block": entry.block_id,
+    }
+
+
+def block_json(block):
+    """A block as JSON."""
+    return {
+        "id": block.id,
+        "target": block.target,
+        "type": block.threat_type,
+        "action": block.action,
+        "created_at": iso(block.created_at),
+        "expires_at": iso(block.expires_at),
+        "lifted_at": iso(block.lifted_at),
+        "lift_reason": block.lift_reason,
+        "created_by": block.created_by,
+        "reason": block.reason,
+    }
+
+
+def cmd_blocks(settings, args):
+    """Active blocks, or every block with --all."""
+    if args.all:
+        query = models.Block.select().order_by(models.Block.id)
+        blocks = list(query)
+    else:
+        blocks = service.active_blocks()
+    rows = [block_json(b) for b in blocks]
+    text = "\n".join(
+        f"{r['target']:<24} {r['type']:<7} "
+        f"{'until ' + r['expires_at'] if r['expires_at'] else 'permanent':<31} "
+        f"{r['created_by']:<12} "
+        f"{('lifted ' + r['lift_reason']) if r['lifted_at'] else 'active'}  {r['reason']}"
+        for r in rows
+    )
+    return rows, text or "no blocks"
+
+
+def cmd_block(settings, args):
+    """Block an IP or CIDR by hand."""
+    duration = None
+    if not args.permanent:
+        try:
+            duration = parse_duration(args.duration)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    reason = args.reason or "blocked from the command line"
+    block = service.block(args.target, duration=duration, actor="cli", reason=reason)
+    text = f"{block.target} blocked {format_duration(duration)}"
+    if block.expires_at:
+        text += f" (until {iso(block.expires_at)})"
+    return block_json(block), text
+
+
+def cmd_unblock(settings, args):
+    """Lift the block on an IP or CIDR."""
+    targets = service.unblock(args.target, actor="cli")
+    return {"unblocked": targets}, f"{', '.join(targets)} unblocked"
+
+
+def cmd_approve(settings, args):
+    """Approve an IP or CIDR (lifts its blocks)."""
+    target = service.approve(args.target, actor="cli")
+    return {"approved": target}, f"{target} approved"
+
+
+def cmd_unapprove(settings, args):
+    """Remove an IP or CIDR from the approved list."""
+    target = service.unapprove(args.target, actor="cli")
+    return {"unapproved": target}, f"{target} removed from the approved list"
+
+
+def cmd_admin(settings, args):
+    """Add an administrator; prints the generated password once."""
+    password = service.add_admin(args.name)
+    return (
+        {"admin": args.name, "password": password},
+        f"administrator {args.name} added; password: {password}",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

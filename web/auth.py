@@ -1,0 +1,84 @@
+"""Administrator login and logout, and the guard that keeps every page behind it."""
+
+import logging
+from urllib.parse import urlsplit
+
+from flask import Blueprint
+from flask import flash
+from flask import g
+from flask import redirect
+from flask import render_template
+from flask import request
+from flask import session
+from flask import url_for
+from werkzeug.security import check_password_hash
+from werkzeug.security import generate_password_hash
+
+from appliance.models import Admin
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("auth", __name__)
+
+OPEN_ENDPOINTS = ("auth.login", "static")
+# compared against when the name is unknown, so both failures take as long
+UNKNOWN_ADMIN_HASH = generate_password_hash("no administrator has this password")
+
+
+def require_login():
+    """Send anyone not logged in to the login page, remembering where they went."""
+    if request.endpoint in OPEN_ENDPOINTS:
+        return None
+    username = session.get("admin")
+    admin = Admin.get_or_none(Admin.username == username) if username else None
+    if admin is None:
+        wanted = request.full_path.rstrip("?") if request.method == "GET" else None
+        return redirect(url_for("auth.login", next=wanted))
+    g.admin = admin
+    return None
+
+
+@bp.route("/login", methods=("GET", "POST"))
+def login():
+    """Ask for a name and password; on success go where the admin was headed."""
+    wanted = request.values.get("next", "")
+    if request.method == "GET":
+        return render_template("login.html", wanted=wanted, error=None)
+
+    username = request.form.get("username", "").strip()
+    password = request.form.get("password", "")
+
+    admin = Admin.get_or_none(Admin.username == username) if username else None
+    stored_hash = admin.password_hash if admin else UNKNOWN_ADMIN_HASH
+    if not check_password_hash(stored_hash, password) or admin is None:
+        log.warning("console login refused for %r from %s", username, request.remote_addr)
+        error = "Wrong administrator name or password."
+        page = render_template("login.html", wanted=wanted, error=error)
+        return page, 401
+
+    session.clear()
+    session.permanent = True
+    session["admin"] = admin.username
+    log.info("%s logged in to the console from %s", admin.username, request.remote_addr)
+    return redirect(local_path(wanted))
+
+
+@bp.post("/logout")
+def logout():
+    """End the session."""
+    session.clear()
+    flash("Logged out.", "ok")
+    return redirect(url_for("auth.login"))
+
+
+def local_path(target):
+    """`target` when it is a path on this site, else the Suspicious IP log."""
+    fallback = url_for("suspicious.index")
+    if not target or not target.startswith("/") or target.startswith("//"):
+        return fallback
+    if "\\" in target or any(ord(char) < 32 for char in target):
+        return fallback
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return fallback
+    return target

@@ -1,0 +1,140 @@
+"""Reverse DNS (PTR) names for the Suspicious IP log: parallel, cached, bounded."""
+
+import ipaddress
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
+
+import dns.exception
+import dns.nameserver
+import dns.resolver
+
+from appliance.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+NO_NAME = "(no name)"
+TIMED_OUT = "(timed out)"
+# the longest a page waits for names, whatever the per-lookup timeout
+PAGE_BUDGET = 1.2
+# how long an answer is reused: a name, a failure, a timeout
+TTL = {"name": 3600.0, NO_NAME: 300.0, TIMED_OUT: 60.0}
+WORKERS = 64
+
+
+class PtrLookup:
+    """Looks up PTR names in a thread pool and keeps them for a while."""
+
+    def __init__(self, nameservers=(), timeout=1.0, clock=time.monotonic):
+        self.resolver = make_resolver(nameservers)
+        self.timeout = timeout
+        self.clock = clock
+        self.cache = {}
+        self.pending = {}
+        self.lock = threading.Lock()
+        self.executor = None
+
+    def names(self, addresses, budget=None):
+        """PTR names by address, waiting at most `budget` seconds for them all.
+
+        Lookups still running when the budget is spent show as timed out and
+        go on in the background, so their answers fill the cache.
+        """
+        if budget is None:
+            budget = min(self.timeout + 0.05, PAGE_BUDGET)
+        found = {}
+        futures = {}
+        with self.lock:
+            now = self.clock()
+            for address in dict.fromkeys(addresses):
+                cached = self.cache.get(address)
+                if cached is not None and cached[1] > now:
+                    found[address] = cached[0]
+                elif address in self.pending:
+                    futures[address] = self.pending[address]
+                else:
+                    futures[address] = self._start(address)
+
+        wait(futures.values(), timeout=budget)
+
+        for address, future in futures.items():
+            found[address] = future.result() if future.done() else TIMED_OUT
+        return found
+
+    def close(self):
+        """Stop the worker threads once their lookups end."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _start(self, address):
+        """Submit one lookup (the caller holds the lock)."""
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="ptr")
+        future = self.executor.submit(self._lookup, address)
+        self.pending[address] = future
+        future.add_done_callback(lambda done: self._keep(address, done))
+        return future
+
+    def _keep(self, address, future):
+        """Move a finished lookup from pending to the cache."""
+        name = NO_NAME if future.cancelled() else future.result()
+        with self.lock:
+            self.pending.pop(address, None)
+            ttl = TTL.get(name, TTL["name"])
+            self.cache[address] = (name, self.clock() + ttl)
+
+    def _lookup(self, address):
+        """One PTR query; never raises."""
+        if self.resolver is None:
+            return NO_NAME
+        try:
+            answer = self.resolver.resolve_address(address, lifetime=self.timeout)
+        except dns.resolver.LifetimeTimeout:
+            log.debug("%s PTR lookup timed out", address)
+            return TIMED_OUT
+        except dns.exception.DNSException as exc:
+            log.debug("%s PTR lookup failed: %s", address, exc)
+            return NO_NAME
+        except Exception:
+            log.exception("%s PTR lookup failed unexpectedly", address)
+            return NO_NAME
+        names = [record.target.to_text(omit_final_dot=True) for record in answer]
+        return names[0] if names else NO_NAME
+
+
+def make_resolver(nameservers):
+    """A resolver for the configured servers ("IP" or "IP:port"), else the system's."""
+    if not nameservers:
+        try:
+            return dns.resolver.Resolver()
+        except (dns.resolver.NoResolverConfiguration, OSError) as exc:
+            log.warning("no system resolver (%s); domain names show as none", exc)
+            return None
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [parse_nameserver(text) for text in nameservers]
+    return resolver
+
+
+def parse_nameserver(text):
+    """A Do53 nameserver from "192.0.2.1", "192.0.2.1:5353", "[2001:db8::1]:53"."""
+    host, port = text.strip(), "53"
+    if host.startswith("["):
+        host, _, rest = host[1:].partition("]")
+        port = rest.removeprefix(":") or "53"
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError as exc:
+        raise ConfigError(f"dns nameserver {text!r} is not IP or IP:port") from exc
+    if not 0 < number < 65536:
+        raise ConfigError(f"dns nameserver {text!r} has a bad port")
+    return dns.nameserver.Do53Nameserver(host, number)
+
+
+def lookup_address(sender):
+    """The address whose PTR names a sender: itself, or an IPv6 /64's network."""
+    return str(ipaddress.ip_network(sender, strict=False).network_address)
