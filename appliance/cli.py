@@ -5,7 +5,6 @@ import json
 import logging
 import secrets
 import sys
-import time
 
 from appliance import config
 from appliance import models
@@ -121,7 +120,11 @@ def cmd_init(settings, args):
         f"database {settings.database} ready\n"
         f"administrator: admin\npassword: {password}  (shown once; keep it)"
     )
-    return {"database": str(settings.database), "admin": "admin", "password": password}, text
+    return {
+        "database": str(settings.database),
+        "admin": "admin",
+        "password": password,
+    }, text
 
 
 def cmd_run(settings, args):
@@ -164,7 +167,10 @@ def cmd_status(settings, args):
         for c in models.SourceCounter.select().order_by(models.SourceCounter.path)
     ]
     active = len(service.active_blocks())
-    lines = [f"{s['path']}: {s['lines']} lines, {s['skipped']} not understood" for s in sources]
+    lines = [
+        f"{s['path']}: {s['lines']} lines, {s['skipped']} not understood"
+        for s in sources
+    ]
     lines.append(f"{active} active blocks")
     return {"sources": sources, "active_blocks": active}, "\n".join(lines)
 
@@ -236,7 +242,8 @@ def cmd_blocks(settings, args):
         f"{r['target']:<24} {r['type']:<7} "
         f"{'until ' + r['expires_at'] if r['expires_at'] else 'permanent':<31} "
         f"{r['created_by']:<12} "
-        f"{('lifted ' + r['lift_reason']) if r['lifted_at'] else 'active'}  {r['reason']}"
+        f"{'lifted ' + r['lift_reason'] if r['lifted_at'] else 'active'}  "
+        f"{r['reason']}"
         for r in rows
     )
     return rows, text or "no blocks"

@@ -113,7 +113,9 @@ def from_mapping(raw, path):
         widest_v4=_int(network, "widest_v4", 16, 0, 32),
         widest_v6=_int(network, "widest_v6", 32, 0, 128),
         own_addresses=tuple(network.get("own_addresses", [])),
-        enforcement=_choice(enforcement, "backend", "auto", ("auto", "kernel", "dry-run")),
+        enforcement=_choice(
+            enforcement, "backend", "auto", ("auto", "kernel", "dry-run")
+        ),
         ports=() if ports == "all" else tuple(int(p) for p in ports),
         all_ports=ports == "all",
         verdict=_choice(enforcement, "verdict", "REJECT", ("REJECT", "DROP")),

@@ -13,12 +13,12 @@ from tqdm import tqdm
 
 from appliance.models import Block
 from appliance.models import SourceCounter
-from appliance.models import SuspiciousEntry
 from appliance.models import SourcePosition
+from appliance.models import SuspiciousEntry
 from appliance.models import db
+from appliance.profiler import Profiler
 from appliance.sources.correlate import Correlator
 from appliance.sources.follow import LogFile
-from appliance.profiler import Profiler
 
 log = logging.getLogger(__name__)
 

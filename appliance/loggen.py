@@ -14,8 +14,8 @@ import sys
 import time
 from dataclasses import dataclass
 from dataclasses import field
+from datetime import UTC
 from datetime import datetime
-from datetime import timezone
 
 from appliance import addresses
 from appliance.config import THREAT_TYPES
@@ -69,7 +69,8 @@ def make_senders(rng, scale=1.0):
         for _ in range(max(1, int(count * scale))):
             serial += 1
             if rng.random() < 0.3:
-                ip = f"2001:db8:{serial // 256:x}:{serial % 256:x}::{rng.randrange(1, 0xFFFF):x}"
+                host = rng.randrange(1, 0xFFFF)
+                ip = f"2001:db8:{serial // 256:x}:{serial % 256:x}::{host:x}"
             else:
                 block = ("192.0.2", "198.51.100", "203.0.113")[serial // 250 % 3]
                 ip = f"{block}.{serial % 250 + 1}"
@@ -141,7 +142,7 @@ class Writer:
             return f"{time.strftime('%b', local)} {local.tm_mday:2d} " + time.strftime(
                 "%H:%M:%S", local
             )
-        moment = datetime.fromtimestamp(ts, timezone.utc).astimezone()
+        moment = datetime.fromtimestamp(ts, UTC).astimezone()
         return moment.isoformat(timespec="microseconds")
 
     def queue_id(self):
@@ -210,7 +211,9 @@ class Writer:
             f"nrcpt={len(rcpts)} (queue active)"
         ]
         if "virus" in tx.violations:
-            verdict = "Blocked INFECTED (Eicar-Signature) {DiscardedInbound,Quarantined}"
+            verdict = (
+                "Blocked INFECTED (Eicar-Signature) {DiscardedInbound,Quarantined}"
+            )
         elif "spam" in tx.violations:
             verdict = "Blocked SPAM {DiscardedInbound,Quarantined}"
         else:
@@ -252,7 +255,11 @@ GARBAGE = (
 def write_log(handle, senders, writer, rng, garbage_every=0):
     """Write every transaction's lines in time order; returns garbage lines written."""
     timeline = sorted(
-        ((tx.ts, n, sender, tx) for n, sender in enumerate(senders) for tx in sender.transactions),
+        (
+            (tx.ts, n, sender, tx)
+            for n, sender in enumerate(senders)
+            for tx in sender.transactions
+        ),
         key=lambda item: (item[0], item[1]),
     )
     garbage = 0
@@ -277,7 +284,12 @@ def expected_outcome(senders, rules, ipv6_prefix=64):
     """
     events = sorted(
         (
-            (tx.ts, n, addresses.sender_text(addresses.sender_of(tx.ip, ipv6_prefix)), tx)
+            (
+                tx.ts,
+                n,
+                addresses.sender_text(addresses.sender_of(tx.ip, ipv6_prefix)),
+                tx,
+            )
             for n, sender in enumerate(senders)
             for tx in sender.transactions
         ),
@@ -342,7 +354,14 @@ def expected_outcome(senders, rules, ipv6_prefix=64):
                 continue
             permanent = rule.action == "permanent"
             expires = None if permanent else ts + rule.duration
-            blocks.append({"ip": who, "type": threat_type, "created_at": ts, "expires_at": expires})
+            blocks.append(
+                {
+                    "ip": who,
+                    "type": threat_type,
+                    "created_at": ts,
+                    "expires_at": expires,
+                }
+            )
             blocked_until[who] = float("inf") if permanent else expires
             for other in THREAT_TYPES:
                 if (who, other) in open_episode:
@@ -389,7 +408,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--hours", type=float, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="sender count factor")
-    parser.add_argument("--live", type=float, metavar="RATE", help="append live traffic")
+    parser.add_argument(
+        "--live", type=float, metavar="RATE", help="append live traffic"
+    )
     args = parser.parse_args(argv)
 
     if args.live:

@@ -115,8 +115,8 @@ class Profiler:
         latest = latest.scalar() or 0.0
         self.now = latest
         oldest = latest - max(self.windows.values())
-        rows = WindowEvent.select().where(WindowEvent.ts > oldest).order_by(
-            WindowEvent.id
+        rows = (
+            WindowEvent.select().where(WindowEvent.ts > oldest).order_by(WindowEvent.id)
         )
         for row in rows.iterator():
             mask = _mask(row.violations.split(",") if row.violations else ())
@@ -143,7 +143,9 @@ class Profiler:
         if history is None:
             history = self.history[sender] = SenderHistory()
         history.add(row, self.windows)
-        self.pending_rows.append((sender, *row[:2], ",".join(event.violations), *row[3:]))
+        self.pending_rows.append(
+            (sender, *row[:2], ",".join(event.violations), *row[3:])
+        )
         self.now = max(self.now, event.ts)
 
         for threat_type in THREAT_TYPES:
@@ -159,9 +161,10 @@ class Profiler:
         """Open, extend or close the sender's episode of one threat type."""
         key = (sender, threat_type)
         episode = self.episodes.get(key)
-        if episode is not None and event.ts - episode.last_seen >= self.windows[
-            threat_type
-        ]:
+        if (
+            episode is not None
+            and event.ts - episode.last_seen >= self.windows[threat_type]
+        ):
             episode.open = False
             self.dirty.add(episode)
             del self.episodes[key]
@@ -227,7 +230,9 @@ class Profiler:
 
         messages, violations, recipients, unknown = history.sums[threat_type]
         rate = violations * 100.0 / max(messages, violations)
-        reason = f"{threat_type} rate {rate:.0f}% over {max(messages, violations)} messages"
+        reason = (
+            f"{threat_type} rate {rate:.0f}% over {max(messages, violations)} messages"
+        )
         if threat_type == "dha":
             reason += f", {unknown} of {recipients} recipients unknown"
         duration = rule.duration if rule.action == "temporary" else None

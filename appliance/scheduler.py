@@ -2,8 +2,8 @@
 
 import logging
 import threading
+from datetime import UTC
 from datetime import datetime
-from datetime import timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -19,7 +19,7 @@ class BlockExpiry:
 
     def __init__(self, on_lift):
         self.on_lift = on_lift
-        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
+        self.scheduler = BackgroundScheduler(timezone=UTC)
         self.scheduled = set()
         self.lock = threading.Lock()
 
@@ -43,7 +43,7 @@ class BlockExpiry:
                 self.scheduler.add_job(
                     self._lift,
                     "date",
-                    run_date=datetime.fromtimestamp(block.expires_at, timezone.utc),
+                    run_date=datetime.fromtimestamp(block.expires_at, UTC),
                     args=[block.id],
                     id=f"block-{block.id}",
                     replace_existing=True,

@@ -1,8 +1,8 @@
 """Durations and time stamps as administrators type and read them."""
 
 import re
+from datetime import UTC
 from datetime import datetime
-from datetime import timezone
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 DURATION = re.compile(r"^\s*(\d{1,7})\s*([smhdw]?)\s*$", re.IGNORECASE)
@@ -30,4 +30,4 @@ def iso(ts):
     """An epoch time as ISO 8601 in UTC, to the second; '' for None."""
     if ts is None:
         return ""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")

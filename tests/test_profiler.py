@@ -129,9 +129,7 @@ def test_dha_needs_recipient_and_unknown_counts(make_settings):
 
 def test_monitor_rule_marks_entry_without_blocking(make_settings):
     profiler = Profiler(make_settings(RULES))
-    bounces = [
-        MailEvent(T0 + n, "203.0.113.5", 1, ("bounce",), 1) for n in range(12)
-    ]
+    bounces = [MailEvent(T0 + n, "203.0.113.5", 1, ("bounce",), 1) for n in range(12)]
 
     feed(profiler, bounces)
 

@@ -29,7 +29,6 @@ VERDICT = "verdict"
 
 HEADER = re.compile(r"\S+ ([^\s\[\]:]+)(?:\[(\d{1,10})\])?: ")
 QUEUE_ID = r"[0-9A-F]{5,16}|[0-9BCDFGHJ-NP-TV-Zbcdfghj-np-tv-z]{10,20}"
-LEADING_QUEUE_ID = re.compile(rf"({QUEUE_ID}): ")
 CLIENT_AT = r"([^\s\[\]]*)\[([^\]\s]{1,80})\](?::\d{1,5})?"
 SMTPD_SESSION = re.compile(rf"(connect|disconnect) from {CLIENT_AT}")
 SMTPD_CLIENT = re.compile(rf"({QUEUE_ID}): client={CLIENT_AT}(?:,|$)")
@@ -42,16 +41,20 @@ POSTSCREEN_SESSION = re.compile(rf"(CONNECT from|DISCONNECT) {CLIENT_AT}")
 QMGR_QUEUED = re.compile(
     rf"({QUEUE_ID}): from=<([^>]{{0,320}})>, size=\d+, nrcpt=(\d{{1,6}}) "
 )
-QMGR_OTHER = re.compile(rf"({QUEUE_ID}): (removed$|from=|to=|skipped)")
+QMGR_OTHER = re.compile(
+    rf"({QUEUE_ID}): (removed$|from=<[^>]{{0,320}}>, status=|to=<|skipped, )"
+)
 CLEANUP_ACTION = re.compile(rf"({QUEUE_ID}): [a-z_-]+(?:=|: )")
+SMTPD_ACTION = re.compile(
+    rf"(?:NOQUEUE|{QUEUE_ID}): (?:hold|discard|filter|redirect|warn|info|prepend"
+    rf"|replace|bcc|dunno|ok): "
+)
 AMAVIS_VERDICT = re.compile(r"(?:\([\w.-]{1,40}\) )?(Passed|Blocked) ([A-Z][A-Z0-9-]*)")
 AMAVIS_QUEUE_ID = re.compile(rf"Queue-ID: ({QUEUE_ID})\b")
 BRACKETED = re.compile(r"\[([^\]\s]{2,80})\]")
 
 UNKNOWN_RECIPIENT = re.compile(
-    r"Recipient address rejected: (?:[^;]*?)"
-    r"(?:user unknown|undeliverable address|unknown user|no such user)",
-    re.IGNORECASE,
+    r"user unknown|undeliverable address|unknown user|no such user", re.IGNORECASE
 )
 MALWARE = re.compile(r"virus|infected|malware", re.IGNORECASE)
 
@@ -78,7 +81,6 @@ SMTPD_NOISE = (
     "xclient: ",
 )
 NOISE_ACTIONS = ("reject_warning", "proxy-reject")
-SESSION_STAGES = ("CONNECT", "EHLO", "HELO", "ETRN", "STARTTLS", "AUTH")
 DATA_STAGES = ("DATA", "BDAT", "END-OF-MESSAGE")
 AMAVIS_SPAM = ("SPAM", "SPAMMY")
 AMAVIS_VIRUS = ("INFECTED",)
@@ -86,12 +88,17 @@ ADDRESS_CACHE_LIMIT = 65536
 
 
 class LogLine:
-    """The parts of a mail-log line that the correlator needs."""
+    """The parts of a mail-log line that the correlator needs.
+
+    `session` names the SMTP session a line belongs to: the smtpd process, or
+    for postscreen (one process, many clients) the process and client IP.
+    `ip` is the client's address as text, None when unknown or loopback.
+    """
 
     __slots__ = (
         "kind",
         "ts",
-        "process",
+        "session",
         "queue_id",
         "ip",
         "sender",
@@ -101,10 +108,10 @@ class LogLine:
         "stage",
     )
 
-    def __init__(self, kind, ts=0.0, process="", queue_id=None, ip=None):
+    def __init__(self, kind, ts=0.0, session="", queue_id=None, ip=None):
         self.kind = kind
         self.ts = ts
-        self.process = process
+        self.session = session
         self.queue_id = queue_id
         self.ip = ip
         self.sender = None
@@ -125,14 +132,17 @@ _addresses = {}
 
 
 def address(text):
-    """A client address as normalised text (`::ffff:` mapped becomes IPv4), or None."""
+    """A client address as normalised text; None if not one, loopback or scoped."""
     found = _addresses.get(text, False)
     if found is not False:
         return found
     try:
-        found = str(parse_ip(text))
+        parsed = parse_ip(text)
     except (AddressError, ValueError):
         found = None
+    else:
+        local = parsed.is_loopback or getattr(parsed, "scope_id", None)
+        found = None if local else str(parsed)
     if len(_addresses) >= ADDRESS_CACHE_LIMIT:
         _addresses.clear()
     _addresses[text] = found
@@ -150,6 +160,8 @@ def parse(line, stamps):
 
 def _parse(line, stamps):
     """Split off stamp, host and program, then read the program's message."""
+    if not line or line.isspace():
+        return IGNORED_LINE
     stamp = stamps.read(line)
     if stamp is None:
         return SKIPPED_LINE
@@ -161,12 +173,10 @@ def _parse(line, stamps):
     message = line[header.end() :].rstrip("\r\n")
 
     if program.startswith("postfix"):
-        service = program[program.rfind("/") + 1 :]
-        process = f"{program}[{header[2]}]"
-        reader = POSTFIX_READERS.get(service)
+        reader = POSTFIX_READERS.get(program[program.rfind("/") + 1 :])
         if reader is None:
             return IGNORED_LINE
-        return reader(message, ts, process)
+        return reader(message, ts, f"{program}[{header[2]}]")
     if program.startswith(("amavis", "/usr/sbin/amavis")):
         return _read_amavis(message, ts)
     return IGNORED_LINE
@@ -182,34 +192,33 @@ def _read_smtpd(message, ts, process):
             return LogLine(kind, ts, process, ip=address(match[3]))
     if message.startswith(SMTPD_NOISE):
         return IGNORED_LINE
-    if "reject" in message or "milter-" in message:
-        match = SMTPD_REJECT.match(message)
-        if match is not None:
-            return _reject(match, ts, process)
     if "client=" in message:
         match = SMTPD_CLIENT.match(message)
         if match is not None:
             return LogLine(CLIENT, ts, process, match[1], address(match[3]))
-    if CLEANUP_ACTION.match(message) or message.startswith("NOQUEUE: "):
+    if "reject" in message or "milter-" in message:
+        match = SMTPD_REJECT.match(message)
+        if match is not None:
+            return _reject(match, ts, process)
+        return SKIPPED_LINE
+    if SMTPD_ACTION.match(message):
         return IGNORED_LINE
     return SKIPPED_LINE
 
 
-def _reject(match, ts, process):
+def _reject(match, ts, session):
     """A reject line of smtpd, postscreen or cleanup, by action and stage."""
     queue_id, action, stage, ip, text = match.group(1, 2, 3, 5, 6)
     if action in NOISE_ACTIONS:
         return IGNORED_LINE
     queue_id = None if queue_id == "NOQUEUE" else queue_id
-    record = LogLine(CONTENT_REJECT, ts, process, queue_id, address(ip))
+    record = LogLine(CONTENT_REJECT, ts, session, queue_id, address(ip))
     record.stage = stage
     sender = SENDER.search(text)
     record.sender = sender[1] if sender is not None else None
 
     if action != "reject":
-        if text[:1] == "5":
-            record.verdict = "virus" if MALWARE.search(text) else "spam"
-        elif action != "milter-reject":
+        if action != "milter-reject" or text[:1] == "5":
             record.verdict = "virus" if MALWARE.search(text) else "spam"
         if stage == "RCPT":
             record.recipients = 1
@@ -217,7 +226,7 @@ def _reject(match, ts, process):
     if stage == "RCPT" or stage == "VRFY":
         record.kind = RCPT_REJECT if stage == "RCPT" else VRFY_REJECT
         record.recipients = 1
-        record.unknown = UNKNOWN_RECIPIENT.search(text) is not None
+        record.unknown = _names_unknown_recipient(text)
     elif stage == "MAIL":
         record.kind = MAIL_REJECT
     elif stage in DATA_STAGES:
@@ -227,16 +236,31 @@ def _reject(match, ts, process):
     return record
 
 
+def _names_unknown_recipient(text):
+    """Whether Postfix's own reason is that the recipient does not exist.
+
+    Only the first `... rejected:` clause counts: a sender verification reply
+    may quote a remote server's "Recipient address rejected: User unknown".
+    """
+    at = text.find(" rejected: ")
+    if at < 17 or not text.startswith("Recipient address", at - 17):
+        return False
+    return UNKNOWN_RECIPIENT.match(text, at + 11) is not None
+
+
 def _read_postscreen(message, ts, process):
     """postscreen: its RCPT rejects; its session lines only close reject groups."""
     if message.startswith("NOQUEUE: reject: "):
         match = SMTPD_REJECT.match(message)
-        return SKIPPED_LINE if match is None else _reject(match, ts, process)
+        if match is None:
+            return SKIPPED_LINE
+        return _reject(match, ts, f"{process} {match[5]}")
     if message.startswith(("CONNECT from ", "DISCONNECT ")):
         match = POSTSCREEN_SESSION.match(message)
         if match is not None:
             kind = CONNECT if match[1] == "CONNECT from" else DISCONNECT
-            return LogLine(kind, ts, process, ip=address(match[3]))
+            session = f"{process} {match[3]}"
+            return LogLine(kind, ts, session, ip=address(match[3]))
     return IGNORED_LINE
 
 
@@ -297,14 +321,9 @@ def _first_client(message, start):
         end = len(message)
     for match in BRACKETED.finditer(message, start, end):
         found = address(match[1])
-        if found is not None and not is_loopback(found):
+        if found is not None:
             return found
     return None
-
-
-def is_loopback(text):
-    """Whether a normalised address is 127.0.0.0/8 or ::1."""
-    return text.startswith("127.") or text == "::1"
 
 
 POSTFIX_READERS = {

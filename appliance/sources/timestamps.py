@@ -22,7 +22,7 @@ MONTHS = {
 FUTURE_SLACK = 86400.0
 CACHE_LIMIT = 4096
 
-CLASSIC = re.compile(r"([A-Z][a-z]{2}) {1,2}(\d{1,2}) (\d\d):(\d\d):(\d\d)(\.\d+)?")
+CLASSIC = re.compile(r"(([A-Z][a-z]{2}) {1,2}(\d{1,2}) (\d\d)):(\d\d):(\d\d)(\.\d+)?")
 
 
 class StampReader:
@@ -64,41 +64,49 @@ class StampReader:
         match = CLASSIC.match(line)
         if match is None:
             return None
-        month = MONTHS.get(match[1])
-        day, hour, minute, second = (int(part) for part in match.group(2, 3, 4, 5))
-        if month is None or day < 1 or hour > 23 or minute > 59 or second > 60:
+        minute, second = int(match[5]), int(match[6])
+        if minute > 59 or second > 60:
             return None
-        offset = minute * 60 + second + (float(match[6]) if match[6] else 0.0)
+        offset = minute * 60 + second + (float(match[7]) if match[7] else 0.0)
 
         reference = self.now()
-        for year in self._candidate_years(reference):
-            if day > calendar.monthrange(year, month)[1]:
-                continue
-            seconds = self._hour_start(year, month, day, hour) + offset
-            if seconds <= reference + FUTURE_SLACK:
-                return seconds, match.end() + 1
+        for hour_start in self._hour_starts(match, reference):
+            if hour_start + offset <= reference + FUTURE_SLACK:
+                return hour_start + offset, match.end() + 1
         return None
 
-    def _candidate_years(self, reference):
-        """Next year first (for a stamp just past New Year), then back eight years."""
+    def _hour_starts(self, match, reference):
+        """Epoch starts of a stamp's hour in each candidate year, latest first.
+
+        Candidates are next year (a stamp just past New Year) and back eight
+        years, skipping years without that date (29 February); cached.
+        """
         start, end, year = self.year_span
         if not start <= reference < end:
             year = time.localtime(reference).tm_year
             start = time.mktime((year, 1, 1, 0, 0, 0, 0, 0, -1))
             end = time.mktime((year + 1, 1, 1, 0, 0, 0, 0, 0, -1))
             self.year_span = (start, end, year)
-        return range(year + 1, year - 8, -1)
+        key = (match[1], year)
+        starts = self.hour_starts.get(key)
+        if starts is not None:
+            return starts
 
-    def _hour_start(self, year, month, day, hour):
-        """Epoch seconds of a local hour's start, cached."""
-        key = (year, month, day, hour)
-        seconds = self.hour_starts.get(key)
-        if seconds is None:
-            if len(self.hour_starts) >= CACHE_LIMIT:
-                self.hour_starts.clear()
-            seconds = time.mktime((year, month, day, hour, 0, 0, 0, 0, -1))
-            self.hour_starts[key] = seconds
-        return seconds
+        month = MONTHS.get(match[2])
+        day, hour = int(match[3]), int(match[4])
+        starts = ()
+        # Limitation: in the hour repeated when daylight saving time ends, every
+        # stamp gets the offset mktime picks; the stamp alone cannot tell.
+        if month is not None and day >= 1 and hour <= 23:
+            starts = tuple(
+                time.mktime((candidate, month, day, hour, 0, 0, 0, 0, -1))
+                for candidate in range(year + 1, year - 8, -1)
+                if day <= calendar.monthrange(candidate, month)[1]
+            )
+        if len(self.hour_starts) >= CACHE_LIMIT:
+            self.hour_starts.clear()
+        self.hour_starts[key] = starts
+        return starts
 
 
 def parse_stamp(text, reference=None):
