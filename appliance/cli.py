@@ -45,7 +45,10 @@ def main(argv=None):
         return 130
 
     if result is not None:
-        emit(result, args.json)
+        try:
+            emit(result, args.json)
+        except BrokenPipeError:
+            sys.stderr.close()
     return 0
 
 

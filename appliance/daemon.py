@@ -46,7 +46,7 @@ class Daemon:
         self.profiler.load()
         self.backend.setup()
         self.expiry.start()
-        self.enforce()
+        self.enforce(rebuild=True)
         log.info(
             "following %s; enforcement: %s",
             ", ".join(s.path for s in self.sources) or "no log files",
@@ -91,18 +91,29 @@ class Daemon:
             return True
         return False
 
-    def enforce(self):
-        """Make the kernel hold exactly the blocks in force now."""
+    def enforce(self, rebuild=False):
+        """Make the kernel hold exactly the blocks in force now.
+
+        On start the sets are rebuilt whole and swapped in; afterwards only the
+        difference is applied. A failure is logged and retried on the next pass.
+        """
         now = time.time()
         desired = {}
         for block in service.active_blocks(now):
             if block.expires_at is None:
                 desired[block.target] = None
             else:
-                desired[block.target] = max(1, int(block.expires_at - now + 0.999))
-        change = self.backend.sync(desired)
+                desired[block.target] = block.expires_at - now
         self.last_reconcile = now
+        try:
+            if rebuild:
+                change = self.backend.rebuild(desired)
+            else:
+                change = self.backend.sync(desired)
+        except Exception:
+            log.exception("enforcement failed; retrying in %.0f s", RECONCILE_EVERY)
+            return
         for target in change.added:
-            log.info("%s enforced in the kernel", target)
+            log.info("%s now enforced (%s backend)", target, self.backend.name)
         for target in change.removed:
-            log.info("%s no longer enforced in the kernel", target)
+            log.info("%s no longer enforced (%s backend)", target, self.backend.name)

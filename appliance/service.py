@@ -49,19 +49,20 @@ class Guard:
 
     def check(self, network):
         """Raise Refused with the reason when `network` may not be blocked."""
+        shown = addresses.sender_text(network)
         if network.prefixlen < self.widest[network.version]:
             raise Refused(
-                f"{network} is wider than /{self.widest[network.version]}, "
+                f"{shown} is wider than /{self.widest[network.version]}, "
                 "the widest range a block may cover"
             )
         if addresses.is_loopback(network):
-            raise Refused(f"{network} covers loopback, which is always approved")
+            raise Refused(f"{shown} covers loopback, which is always approved")
         for own in self.own:
             if addresses.overlaps(network, own):
-                raise Refused(f"{network} covers the appliance's own address {own}")
+                raise Refused(f"{shown} covers the appliance's own address {own}")
         approved = approved_overlapping(network)
         if approved is not None:
-            raise Refused(f"{network} covers approved {approved.target}")
+            raise Refused(f"{shown} covers approved {approved.target}")
 
 
 _guard = None

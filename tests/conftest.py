@@ -30,13 +30,13 @@ def require_root_tools(*tools):
         require(shutil.which(tool) is not None, f"needs {tool} (make system-packages)")
 
 
-def write_config(directory, extra=""):
+def write_config(directory, extra="", backend="dry-run"):
     """A config file for a throwaway appliance under `directory`."""
     path = Path(directory) / "config.toml"
     path.write_text(
         '[database]\npath = "sender-filter.db"\n'
         '[web]\nsecret_key_file = "secret_key"\n'
-        '[enforcement]\nbackend = "dry-run"\n' + extra
+        f'[enforcement]\nbackend = "{backend}"\n' + extra
     )
     return path
 

@@ -139,6 +139,18 @@ class Namespace:
         self.lab.processes.append(process)
         return process
 
+    def spawn_logged(self, output, *argv):
+        """Start a long-running command inside, its output to an open file."""
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", self.name, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        self.lab.processes.append(process)
+        return process
+
     def spawn_python(self, code, *args, ready="ready", timeout=10):
         """Start Python code inside and wait until it prints the `ready` line."""
         process = self.spawn(sys.executable, "-c", code, *args)
