@@ -1,0 +1,123 @@
+"""The sender-filter command: lists, one-line refusals, JSON output."""
+
+import json
+
+import pytest
+
+from appliance import cli
+from appliance.models import AuditEntry
+from appliance.models import Block
+from tests.conftest import write_config
+
+
+@pytest.fixture
+def run(tmp_path, capsys):
+    """Run the CLI against a fresh appliance; returns (status, stdout, stderr)."""
+    config_path = write_config(tmp_path)
+
+    def invoke(*argv):
+        status = cli.main([argv[0], "--config", str(config_path), *argv[1:]])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    assert invoke("init")[0] == 0
+    return invoke
+
+
+def test_init_prints_the_admin_password_once(tmp_path, capsys):
+    config_path = write_config(tmp_path)
+
+    assert cli.main(["init", "--json", "--config", str(config_path)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert cli.main(["init", "--json", "--config", str(config_path)]) == 0
+    second = json.loads(capsys.readouterr().out)
+
+    assert first["admin"] == "admin" and len(first["password"]) >= 12
+    assert second["admin"] is None and "password" not in second
+
+
+def test_block_list_and_unblock(run):
+    status, out, _ = run("block", "198.51.100.7", "--for", "2h", "--reason", "test")
+    assert status == 0 and out.startswith("198.51.100.7 blocked 2h (until ")
+
+    status, out, _ = run("blocks", "--json")
+    rows = json.loads(out)
+    assert [(r["target"], r["action"], r["type"], r["created_by"]) for r in rows] == [
+        ("198.51.100.7", "temporary", "manual", "cli")
+    ]
+
+    assert run("unblock", "198.51.100.7")[0] == 0
+    assert json.loads(run("blocks", "--json")[1]) == []
+    everything = json.loads(run("blocks", "--all", "--json")[1])
+    assert [(r["target"], r["lift_reason"]) for r in everything] == [
+        ("198.51.100.7", "unblocked")
+    ]
+
+
+def test_permanent_block_of_an_ipv6_network(run):
+    status, out, _ = run("block", "2001:db8:7::/48", "--permanent", "--json")
+
+    block = json.loads(out)
+    assert status == 0
+    assert (block["target"], block["action"], block["expires_at"]) == (
+        "2001:db8:7::/48",
+        "permanent",
+        "",
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (("block", "0.0.0.0/0"), "0.0.0.0/0 is wider than /16"),
+        (("block", "::/0"), "::/0 is wider than /32"),
+        (("block", "127.0.0.1"), "127.0.0.1 covers loopback"),
+        (("block", "not-an-ip"), "'not-an-ip' is not an IP address"),
+        (("block", "192.0.2.9/24"), "is not an IP address or CIDR network"),
+        (("block", "192.0.2.9", "--for", "soon"), "'soon' is not a duration"),
+        (("block", "192.0.2.9", "--for", "31d"), "from 1 second to 30 days"),
+        (("unblock", "192.0.2.9"), "192.0.2.9 is not blocked"),
+        (("unapprove", "192.0.2.9"), "192.0.2.9 is not on the approved list"),
+    ],
+)
+def test_bad_input_is_refused_with_one_line(run, argv, reason):
+    status, out, err = run(*argv)
+
+    assert status == 2
+    assert out == ""
+    assert err.count("\n") == 1 and reason in err
+    assert Block.select().count() == 0
+
+
+def test_approved_address_cannot_be_blocked_and_approving_lifts(run):
+    assert run("block", "203.0.113.5", "--permanent")[0] == 0
+
+    status, out, _ = run("approve", "203.0.113.0/28")
+    assert status == 0 and out.strip() == "203.0.113.0/28 approved"
+    assert json.loads(run("blocks", "--json")[1]) == []
+
+    status, _, err = run("block", "203.0.113.9")
+    assert status == 2
+    assert err.strip().endswith("203.0.113.9 covers approved 203.0.113.0/28")
+    actions = [a.action for a in AuditEntry.select().order_by(AuditEntry.id)]
+    assert actions[-3:] == ["block", "approve", "approved"]
+
+
+def test_missing_config_and_missing_database_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "nowhere.toml"
+
+    assert cli.main(["blocks", "--config", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    config_path = write_config(tmp_path)
+    assert cli.main(["blocks", "--config", str(config_path)]) == 2
+    assert "run `sender-filter init` first" in capsys.readouterr().err
+
+
+def test_ingest_of_a_missing_file_is_one_line(run):
+    status, _, err = run("ingest", "/nonexistent/mail.log")
+
+    assert status == 2
+    assert err.strip() == (
+        "sender-filter ingest: /nonexistent/mail.log is not a readable file"
+    )
