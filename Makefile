@@ -12,12 +12,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 # As root, install the Debian packages the appliance and its tests drive.
+# The tests run their own Postfix instances; the system one stays unconfigured.
 system-packages:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  missing=$$(for p in $(SYSTEM_PACKAGES); do \
 	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing: $$missing"; \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  fi; \
 	else echo "not root: system packages not checked; kernel and Postfix tests will skip"; fi
