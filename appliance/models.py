@@ -86,7 +86,7 @@ class SuspiciousEntry(BaseModel):
     sender_key = CharField(index=True)
     threat_type = CharField()
     first_seen = FloatField()
-    last_seen = FloatField(index=True)
+    last_seen = FloatField()
     violations = IntegerField(default=0)
     messages = IntegerField(default=0)
     rate = FloatField(default=0.0, index=True)
@@ -96,7 +96,11 @@ class SuspiciousEntry(BaseModel):
 
     class Meta:
         indexes = (
+            (("last_seen", "first_seen"), False),
             (("threat_type", "last_seen"), False),
+            (("violations", "last_seen"), False),
+            (("messages", "last_seen"), False),
+            (("status", "last_seen"), False),
             (("sender", "threat_type", "open"), False),
         )
 

@@ -40,14 +40,17 @@ def create_app(settings, test_config=None):
 
     app.extensions["settings"] = settings
     app.extensions["ptr_lookup"] = PtrLookup(settings.nameservers, settings.dns_timeout)
+    # the login guard runs before the CSRF check, so strangers go to the login page
+    app.before_request(open_database)
+    app.before_request(auth.require_login)
+    app.teardown_request(close_database)
     csrf.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(suspicious.bp)
     app.register_blueprint(blocks.bp)
-    app.before_request(open_database)
-    app.before_request(auth.require_login)
-    app.teardown_request(close_database)
     app.register_error_handler(CSRFError, form_expired)
+    app.jinja_env.trim_blocks = True
+    app.jinja_env.lstrip_blocks = True
     app.add_template_filter(utc_time, "utc")
     app.add_template_filter(format_duration, "duration")
     return app

@@ -51,7 +51,7 @@ def login():
     admin = Admin.get_or_none(Admin.username == username) if username else None
     stored_hash = admin.password_hash if admin else UNKNOWN_ADMIN_HASH
     if not check_password_hash(stored_hash, password) or admin is None:
-        log.warning("console login refused for %r from %s", username, request.remote_addr)
+        log.warning("%r console login refused from %s", username, request.remote_addr)
         error = "Wrong administrator name or password."
         page = render_template("login.html", wanted=wanted, error=error)
         return page, 401

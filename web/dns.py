@@ -22,6 +22,8 @@ PAGE_BUDGET = 1.2
 # how long an answer is reused: a name, a failure, a timeout
 TTL = {"name": 3600.0, NO_NAME: 300.0, TIMED_OUT: 60.0}
 WORKERS = 64
+# past this many cached addresses, stale ones are dropped
+CACHE_LIMIT = 20000
 
 
 class PtrLookup:
@@ -60,7 +62,8 @@ class PtrLookup:
         wait(futures.values(), timeout=budget)
 
         for address, future in futures.items():
-            found[address] = future.result() if future.done() else TIMED_OUT
+            finished = future.done() and not future.cancelled()
+            found[address] = future.result() if finished else TIMED_OUT
         return found
 
     def close(self):
@@ -72,18 +75,22 @@ class PtrLookup:
         """Submit one lookup (the caller holds the lock)."""
         if self.executor is None:
             self.executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="ptr")
-        future = self.executor.submit(self._lookup, address)
+        future = self.executor.submit(self._lookup_and_keep, address)
         self.pending[address] = future
-        future.add_done_callback(lambda done: self._keep(address, done))
         return future
 
-    def _keep(self, address, future):
-        """Move a finished lookup from pending to the cache."""
-        name = NO_NAME if future.cancelled() else future.result()
+    def _lookup_and_keep(self, address):
+        """Look one address up, then move it from pending to the cache."""
+        name = self._lookup(address)
         with self.lock:
+            now = self.clock()
             self.pending.pop(address, None)
-            ttl = TTL.get(name, TTL["name"])
-            self.cache[address] = (name, self.clock() + ttl)
+            if len(self.cache) >= CACHE_LIMIT:
+                stale = [known for known, kept in self.cache.items() if kept[1] <= now]
+                for known in stale:
+                    del self.cache[known]
+            self.cache[address] = (name, now + TTL.get(name, TTL["name"]))
+        return name
 
     def _lookup(self, address):
         """One PTR query; never raises."""
