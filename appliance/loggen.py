@@ -18,6 +18,7 @@ from datetime import UTC
 from datetime import datetime
 
 from appliance import addresses
+from appliance import config
 from appliance.config import THREAT_TYPES
 from appliance.config import RuleDefaults
 
@@ -411,14 +412,16 @@ def main(argv=None):
     parser.add_argument(
         "--live", type=float, metavar="RATE", help="append live traffic"
     )
+    parser.add_argument("--config", help="take the truth's rules from this file")
     args = parser.parse_args(argv)
+    rules = config.load(args.config).rules if args.config else None
 
     if args.live:
         try:
             follow(args.log, random.Random(args.seed), args.live)
         except KeyboardInterrupt:
             return 0
-    truth = generate(args.log, args.seed, args.hours, args.scale)
+    truth = generate(args.log, args.seed, args.hours, args.scale, rules)
     if args.truth:
         with open(args.truth, "w") as handle:
             json.dump(truth, handle, indent=1)
