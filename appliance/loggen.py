@@ -364,9 +364,9 @@ def expected_outcome(senders, rules, ipv6_prefix=64):
                 }
             )
             blocked_until[who] = float("inf") if permanent else expires
-            for other in THREAT_TYPES:
-                if (who, other) in open_episode:
-                    open_episode[(who, other)]["status"] = "blocked"
+            for episode in episodes:
+                if episode["ip"] == who and episode["status"] != "approved":
+                    episode["status"] = "blocked"
     return {"blocks": blocks, "episodes": episodes}
 
 

@@ -95,6 +95,8 @@ class SuspiciousEntry(BaseModel):
     block = ForeignKeyField(Block, null=True, backref="entries")
 
     class Meta:
+        # the daemon and the console both write entries: save what changed only
+        only_save_dirty = True
         indexes = (
             (("last_seen", "first_seen"), False),
             (("threat_type", "last_seen"), False),

@@ -132,8 +132,19 @@ def block_network(network, *, threat_type, duration, actor, reason, now=None):
             changed_at=time.time(),
         )
         audit(actor, "block", target, f"{format_duration(duration)}: {reason}")
+        mark_entries_blocked(block)
     log.info("%s blocked %s (%s)", target, format_duration(duration), reason)
     return block
+
+
+def mark_entries_blocked(block):
+    """Point the covered senders' unblocked entries at a new block."""
+    covered = (SuspiciousEntry.sender_key >= block.key_first) & (
+        SuspiciousEntry.sender_key <= block.key_last
+    )
+    SuspiciousEntry.update(status="blocked", block=block).where(
+        covered & SuspiciousEntry.status.in_(("suspicious", "monitored"))
+    ).execute()
 
 
 def block(text, *, duration, actor, reason="", threat_type="manual"):
