@@ -73,8 +73,9 @@ def make_senders(rng, scale=1.0):
                 host = rng.randrange(1, 0xFFFF)
                 ip = f"2001:db8:{serial // 256:x}:{serial % 256:x}::{host:x}"
             else:
-                block = ("192.0.2", "198.51.100", "203.0.113")[serial // 250 % 3]
-                ip = f"{block}.{serial % 250 + 1}"
+                # hosts .10 to .249: the low numbers are gateways and lab hosts
+                block = ("192.0.2", "198.51.100", "203.0.113")[serial // 240 % 3]
+                ip = f"{block}.{serial % 240 + 10}"
             name = "unknown" if rng.random() < 0.4 else f"host{serial}.example.net"
             senders.append(Sender(ip=ip, name=name, kind=kind))
     # two addresses in one /64 count as one sender

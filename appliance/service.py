@@ -5,8 +5,10 @@ log and the database stay one story whoever acts. The kernel is not touched
 here: the enforcement loop in the daemon makes the kernel follow the database.
 """
 
+import json
 import logging
 import secrets
+import subprocess
 import time
 from dataclasses import asdict
 
@@ -45,7 +47,8 @@ class Guard:
 
     def __init__(self, settings):
         self.widest = {4: settings.widest_v4, 6: settings.widest_v6}
-        self.own = [addresses.parse_network(a) for a in settings.own_addresses]
+        configured = [addresses.parse_network(a) for a in settings.own_addresses]
+        self.own = configured + interface_addresses()
 
     def check(self, network):
         """Raise Refused with the reason when `network` may not be blocked."""
@@ -59,10 +62,32 @@ class Guard:
             raise Refused(f"{shown} covers loopback, which is always approved")
         for own in self.own:
             if addresses.overlaps(network, own):
-                raise Refused(f"{shown} covers the appliance's own address {own}")
+                raise Refused(
+                    f"{shown} covers the appliance's own address "
+                    f"{addresses.sender_text(own)}"
+                )
         approved = approved_overlapping(network)
         if approved is not None:
             raise Refused(f"{shown} covers approved {approved.target}")
+
+
+def interface_addresses():
+    """This machine's (this network namespace's) own addresses, from `ip -j addr`."""
+    command = ["ip", "-j", "address", "show"]
+    try:
+        found = subprocess.run(command, capture_output=True, text=True, timeout=5)
+        links = json.loads(found.stdout or "[]")
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.warning("own addresses not read (`%s` failed: %s)", " ".join(command), exc)
+        return []
+    own = []
+    for link in links:
+        for info in link.get("addr_info", []):
+            try:
+                own.append(addresses.parse_network(info["local"]))
+            except (KeyError, addresses.AddressError):
+                continue
+    return own
 
 
 _guard = None

@@ -4,9 +4,11 @@ import json
 
 import pytest
 
+from appliance import addresses
 from appliance import cli
 from appliance import config
 from appliance import loggen
+from appliance import service
 from appliance.config import THREAT_TYPES
 from appliance.models import Block
 from appliance.models import SourceCounter
@@ -142,6 +144,15 @@ def test_reading_the_same_log_again_counts_nothing_twice(caught_up, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["lines"] == 0
     assert (blocks_in_db(), episodes_in_db()) == before
+
+
+def test_no_generated_sender_is_one_of_this_machines_addresses(caught_up):
+    truth, _config, _log = caught_up
+    own = service.interface_addresses()
+
+    senders = [addresses.parse_network(s["ip"]) for s in truth["senders"]]
+
+    assert not [s for s in senders if any(addresses.overlaps(s, o) for o in own)]
 
 
 def test_every_threat_type_appears(caught_up):
