@@ -87,7 +87,7 @@ class Daemon:
         latest = latest.scalar() or 0.0
         if latest > self.last_change:
             self.last_change = latest
-            self.profiler.forget_blocks()
+            self.profiler.refresh_blocks()
             return True
         return False
 

@@ -8,16 +8,18 @@ import logging
 
 from appliance import addresses
 from appliance import service
+from appliance.blockindex import BlockIndex
 from appliance.config import THREAT_TYPES
 from appliance.models import Rule
 from appliance.models import SuspiciousEntry
 from appliance.models import WindowEvent
+from appliance.models import db
 
 log = logging.getLogger(__name__)
 
 BIT = {threat_type: 1 << n for n, threat_type in enumerate(THREAT_TYPES)}
-FOREVER = float("inf")
 SWEEP_EVERY = 60.0
+SENDER_CACHE = 500_000
 
 
 class SenderHistory:
@@ -96,9 +98,11 @@ class Profiler:
         self.settings = settings
         self.history = {}
         self.episodes = {}
-        self.blocked_until = {}
+        self.senders = {}
+        self.blocks = BlockIndex(addresses.parse_network)
         self.pending_rows = []
-        self.dirty = set()
+        self.dirty = {}
+        self.status_changed = {}
         self.now = 0.0
         self.swept = 0.0
         self.blocks_made = 0
@@ -116,40 +120,81 @@ class Profiler:
         self.now = latest
         oldest = latest - max(self.windows.values())
         rows = (
-            WindowEvent.select().where(WindowEvent.ts > oldest).order_by(WindowEvent.id)
+            WindowEvent.select()
+            .where(WindowEvent.ts > oldest)
+            .order_by(WindowEvent.id)
+            .tuples()
         )
-        for row in rows.iterator():
-            mask = _mask(row.violations.split(",") if row.violations else ())
-            history = self.history.setdefault(row.sender, SenderHistory())
-            history.add(
-                (row.ts, row.message, mask, row.recipients, row.unknown), self.windows
-            )
+        for (
+            _id,
+            sender,
+            ts,
+            message,
+            violations,
+            recipients,
+            unknown,
+        ) in rows.iterator():
+            mask = _mask(violations.split(",") if violations else ())
+            history = self.history.setdefault(sender, SenderHistory())
+            history.add((ts, message, mask, recipients, unknown), self.windows)
         query = SuspiciousEntry.select().where(SuspiciousEntry.open == True)  # noqa: E712
         for entry in query:
             self.episodes[(entry.sender, entry.threat_type)] = entry
-        self.blocked_until = {}
+        self.blocks.refresh()
 
-    def forget_blocks(self):
-        """Drop cached block state; the next crossing asks the database again."""
-        self.blocked_until = {}
+    def refresh_blocks(self):
+        """Take in blocks made or lifted by others (console, CLI, scheduler)."""
+        self.blocks.refresh()
+
+    def _sender(self, ip):
+        """(sender text, network, sort key) for an IP, cached."""
+        known = self.senders.get(ip)
+        if known is None:
+            if len(self.senders) > SENDER_CACHE:
+                self.senders.clear()
+            network = addresses.sender_of(ip, self.settings.ipv6_prefix)
+            known = (
+                addresses.sender_text(network),
+                network,
+                addresses.key_of(network.network_address),
+            )
+            self.senders[ip] = known
+        return known
 
     def process(self, event):
         """Count one MailEvent and act on any rule it makes the sender cross."""
-        network = addresses.sender_of(event.ip, self.settings.ipv6_prefix)
-        sender = addresses.sender_text(network)
-        mask = _mask(event.violations)
-        row = (event.ts, event.message, mask, event.recipients, event.unknown)
+        sender, network, key = self._sender(event.ip)
+        violations = event.violations
+        mask = _mask(violations) if violations else 0
         history = self.history.get(sender)
         if history is None:
             history = self.history[sender] = SenderHistory()
-        history.add(row, self.windows)
-        self.pending_rows.append(
-            (sender, *row[:2], ",".join(event.violations), *row[3:])
+        history.add(
+            (event.ts, event.message, mask, event.recipients, event.unknown),
+            self.windows,
         )
-        self.now = max(self.now, event.ts)
+        self.pending_rows.append(
+            (
+                sender,
+                event.ts,
+                event.message,
+                ",".join(violations),
+                event.recipients,
+                event.unknown,
+            )
+        )
+        if event.ts > self.now:
+            self.now = event.ts
 
+        opened = False
         for threat_type in THREAT_TYPES:
-            self._update_episode(sender, network, threat_type, event)
+            episode = self.episodes.get((sender, threat_type))
+            if episode is None and threat_type not in violations:
+                continue
+            opened = True
+            self._update_episode(sender, network, key, threat_type, episode, event)
+        if not opened:
+            return
         for threat_type in THREAT_TYPES:
             rule = self.rules[threat_type]
             if not rule.enabled or (sender, threat_type) not in self.episodes:
@@ -157,22 +202,22 @@ class Profiler:
             if crosses(history.sums[threat_type], rule):
                 self._act(sender, network, threat_type, history, event.ts)
 
-    def _update_episode(self, sender, network, threat_type, event):
+    def _update_episode(self, sender, network, key, threat_type, episode, event):
         """Open, extend or close the sender's episode of one threat type."""
-        key = (sender, threat_type)
-        episode = self.episodes.get(key)
         if (
             episode is not None
             and event.ts - episode.last_seen >= self.windows[threat_type]
         ):
             episode.open = False
-            self.dirty.add(episode)
-            del self.episodes[key]
+            self.dirty[id(episode)] = episode
+            del self.episodes[(sender, threat_type)]
             episode = None
 
         if threat_type in event.violations:
             if episode is None:
-                episode = self._open_episode(sender, network, threat_type, event.ts)
+                episode = self._open_episode(
+                    sender, network, key, threat_type, event.ts
+                )
             else:
                 episode.violations += 1
                 episode.messages += event.message
@@ -182,36 +227,27 @@ class Profiler:
         else:
             return
         episode.rate = round(episode.violations * 100.0 / episode.messages, 2)
-        self.dirty.add(episode)
+        self.dirty[id(episode)] = episode
 
-    def _open_episode(self, sender, network, threat_type, ts):
+    def _open_episode(self, sender, network, key, threat_type, ts):
         """A new episode at a sender's first violation of a type."""
         episode = SuspiciousEntry(
             sender=sender,
-            sender_key=addresses.key_of(network.network_address),
+            sender_key=key,
             threat_type=threat_type,
             first_seen=ts,
             last_seen=ts,
             violations=1,
             messages=1,
+            status="suspicious",
+            open=True,
         )
-        block = self._block_in_force(sender, network, ts)
-        if block is not None:
+        block_id = self.blocks.covering(network, ts)
+        if block_id is not None:
             episode.status = "blocked"
-            episode.block = block
+            episode.block_id = block_id
         self.episodes[(sender, threat_type)] = episode
         return episode
-
-    def _block_in_force(self, sender, network, ts):
-        """The block covering a sender at event time `ts`, if any."""
-        cached = self.blocked_until.get(sender)
-        if cached is not None and cached[0] > ts:
-            return cached[1]
-        block = service.block_covering(network, ts)
-        if block is not None:
-            until = block.expires_at if block.expires_at is not None else FOREVER
-            self.blocked_until[sender] = (until, block)
-        return block
 
     def _act(self, sender, network, threat_type, history, ts):
         """Apply a crossed rule: monitor, or block unless already blocked."""
@@ -219,20 +255,18 @@ class Profiler:
         episode = self.episodes[(sender, threat_type)]
         if rule.action == "monitor":
             if episode.status == "suspicious":
-                episode.status = "monitored"
-                self.dirty.add(episode)
+                self._set_status(episode, "monitored")
                 log.info("%s crossed the %s rule (monitor only)", sender, threat_type)
             return
-        if self._block_in_force(sender, network, ts) is not None:
+        if self.blocks.covering(network, ts) is not None:
             return
         if episode.status == "approved":
             return
 
         messages, violations, recipients, unknown = history.sums[threat_type]
-        rate = violations * 100.0 / max(messages, violations)
-        reason = (
-            f"{threat_type} rate {rate:.0f}% over {max(messages, violations)} messages"
-        )
+        messages = max(messages, violations)
+        reason = f"{threat_type} rate {violations * 100.0 / messages:.0f}%"
+        reason += f" over {messages} messages"
         if threat_type == "dha":
             reason += f", {unknown} of {recipients} recipients unknown"
         duration = rule.duration if rule.action == "temporary" else None
@@ -248,41 +282,65 @@ class Profiler:
         except service.AlreadyBlocked as refusal:
             block = refusal.block
         except service.Refused as refusal:
-            episode.status = "approved"
-            self.dirty.add(episode)
+            self._set_status(episode, "approved")
             log.info("%s not blocked: %s", sender, refusal)
             return
-
         else:
             self.blocks_made += 1
-        until = block.expires_at if block.expires_at is not None else FOREVER
-        self.blocked_until[sender] = (until, block)
+
+        self.blocks.add(block)
         for other in THREAT_TYPES:
             open_episode = self.episodes.get((sender, other))
             if open_episode is not None:
-                open_episode.status = "blocked"
-                open_episode.block = block
-                self.dirty.add(open_episode)
+                self._set_status(open_episode, "blocked", block.id)
+
+    def _set_status(self, episode, status, block_id=None):
+        """Change an episode's status (written at the next flush)."""
+        episode.status = status
+        if block_id is not None:
+            episode.block_id = block_id
+        self.status_changed[id(episode)] = episode
+        self.dirty[id(episode)] = episode
 
     def flush(self):
         """Write buffered window events and changed episodes (inside a transaction)."""
-        fields = [
-            WindowEvent.sender,
-            WindowEvent.ts,
-            WindowEvent.message,
-            WindowEvent.violations,
-            WindowEvent.recipients,
-            WindowEvent.unknown,
-        ]
-        for start in range(0, len(self.pending_rows), 400):
-            chunk = self.pending_rows[start : start + 400]
-            WindowEvent.insert_many(chunk, fields=fields).execute()
-        self.pending_rows = []
-        for episode in self.dirty:
-            episode.save()
-        self.dirty = set()
+        cursor = db.cursor()
+        param = db.param
+        if self.pending_rows:
+            cursor.executemany(
+                f"INSERT INTO {WindowEvent._meta.table_name} "
+                "(sender, ts, message, violations, recipients, unknown) "
+                f"VALUES ({', '.join([param] * 6)})",
+                self.pending_rows,
+            )
+            self.pending_rows = []
+        self._write_episodes(cursor, param)
         if self.now - self.swept >= SWEEP_EVERY:
             self._sweep()
+
+    def _write_episodes(self, cursor, param):
+        """Insert new episodes, update counters, and write status changes."""
+        table = SuspiciousEntry._meta.table_name
+        for episode in self.dirty.values():
+            if episode.id is None:
+                episode.id = _insert(cursor, table, param, episode)
+        counters = [
+            (e.last_seen, e.violations, e.messages, e.rate, e.open, e.id)
+            for e in self.dirty.values()
+        ]
+        cursor.executemany(
+            f"UPDATE {table} SET last_seen = {param}, violations = {param}, "
+            f"messages = {param}, rate = {param}, open = {param} WHERE id = {param}",
+            counters,
+        )
+        statuses = [(e.status, e.block_id, e.id) for e in self.status_changed.values()]
+        cursor.executemany(
+            f"UPDATE {table} SET status = {param}, block_id = {param} "
+            f"WHERE id = {param}",
+            statuses,
+        )
+        self.dirty = {}
+        self.status_changed = {}
 
     def _sweep(self):
         """Forget senders and stored events that every window has left behind."""
@@ -292,6 +350,29 @@ class Profiler:
         for sender in idle:
             del self.history[sender]
         self.swept = self.now
+
+
+def _insert(cursor, table, param, episode):
+    """Insert one new episode row; returns its id."""
+    cursor.execute(
+        f"INSERT INTO {table} (sender, sender_key, threat_type, first_seen, "
+        "last_seen, violations, messages, rate, status, open, block_id) "
+        f"VALUES ({', '.join([param] * 11)})",
+        (
+            episode.sender,
+            episode.sender_key,
+            episode.threat_type,
+            episode.first_seen,
+            episode.last_seen,
+            episode.violations,
+            episode.messages,
+            episode.rate,
+            episode.status,
+            episode.open,
+            episode.block_id,
+        ),
+    )
+    return cursor.lastrowid
 
 
 def _mask(violations):

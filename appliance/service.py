@@ -114,23 +114,6 @@ def approved_overlapping(network):
     )
 
 
-def block_covering(network, at):
-    """The block in force over all of `network` at event time `at`, if any."""
-    first, last = addresses.key_range(network)
-    return (
-        Block.select()
-        .where(
-            (Block.key_first <= first)
-            & (Block.key_last >= last)
-            & (Block.created_at <= at)
-            & (Block.expires_at.is_null() | (Block.expires_at > at))
-            & (Block.lifted_at.is_null() | (Block.lift_reason == "expired"))
-        )
-        .order_by(Block.id.desc())
-        .first()
-    )
-
-
 def block_network(network, *, threat_type, duration, actor, reason, now=None):
     """Block a network for `duration` seconds, or for good when None."""
     now = time.time() if now is None else now
