@@ -1,0 +1,130 @@
+"""Ingest speed against fail2ban-regex on the same log, and memory at 100k senders.
+
+Run as `bench/ingest` (it uses the project's .venv). Prints figures; asserts
+nothing. SPEC §9: at least 5x the lines per second of `fail2ban-regex` with its
+Postfix filter, end to end; under 150 MB with 100,000 senders in the window.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from appliance import loggen
+
+REPO = Path(__file__).resolve().parents[1]
+F2B_FILTER = "/etc/fail2ban/filter.d/postfix.conf"
+LINES_PER_SCALE = 29800  # lines one unit of loggen scale writes in 24 hours, about
+
+
+def timed(argv, **kwargs):
+    """Run a command; returns (wall seconds, peak RSS in MiB, stdout)."""
+    started = time.perf_counter()
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, **kwargs
+    ) as child:
+        output = child.stdout.read()
+        _pid, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - started
+    if child.returncode != 0:
+        sys.exit(f"`{' '.join(map(str, argv))}` failed with {child.returncode}")
+    return elapsed, usage.ru_maxrss / 1024, output
+
+
+def fresh_appliance(directory):
+    """A config and an initialised database in `directory`; returns the config."""
+    config = directory / "config.toml"
+    config.write_text(
+        '[database]\npath = "sf.db"\n[enforcement]\nbackend = "dry-run"\n'
+        "[rules.spam]\nmessages = 20\n[rules.dha]\nmessages = 20\n"
+    )
+    subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "init", "--config", str(config)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return config
+
+
+def ingest(directory, log):
+    """`sender-filter ingest` on a fresh appliance: (seconds, MiB, lines)."""
+    config = fresh_appliance(directory)
+    argv = [sys.executable, "-m", "appliance.cli", "ingest", "--json"]
+    seconds, rss, output = timed([*argv, "--config", str(config), str(log)])
+    lines = int(re.search(r'"lines": (\d+)', output).group(1))
+    return seconds, rss, lines
+
+
+def fail2ban(log):
+    """fail2ban-regex with its postfix filter: (seconds, lines it read)."""
+    seconds, _rss, output = timed(["fail2ban-regex", str(log), F2B_FILTER])
+    lines = int(re.search(r"Lines: (\d+) lines", output).group(1))
+    return seconds, lines
+
+
+def many_senders_log(path, count):
+    """One hour in which `count` distinct IPv6 /64 senders each send one message."""
+    rng = loggen.random.Random(5)
+    writer = loggen.Writer(rng)
+    start = int(time.time()) - 3600
+    senders = []
+    for n in range(count):
+        ip = f"2001:db8:{n >> 16:x}:{n & 0xFFFF:x}::25"
+        sender = loggen.Sender(ip=ip, name="unknown", kind="clean")
+        ts = start + n * 3000 // count
+        sender.transactions.append(loggen.Transaction(ts, ip))
+        senders.append(sender)
+    with open(path, "w") as handle:
+        loggen.write_log(handle, senders, writer, rng)
+
+
+def main(argv=None):
+    """Measure and print."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--senders", type=int, default=100_000)
+    args = parser.parse_args(argv)
+    if shutil.which("fail2ban-regex") is None or not Path(F2B_FILTER).exists():
+        sys.exit("needs Debian's fail2ban (apt-get install fail2ban)")
+
+    with tempfile.TemporaryDirectory(prefix="sf-bench-") as tmp:
+        tmp = Path(tmp)
+        log = tmp / "mail.log"
+        scale = max(1.0, args.lines / LINES_PER_SCALE)
+        loggen.generate(log, seed=11, hours=24, scale=scale)
+        size = log.stat().st_size / 2**20
+        print(f"log: {sum(1 for _ in open(log, 'rb')):,} lines, {size:.0f} MiB")
+
+        f2b_seconds, f2b_lines = fail2ban(log)
+        (tmp / "a").mkdir()
+        our_seconds, our_rss, our_lines = ingest(tmp / "a", log)
+        f2b_rate = f2b_lines / f2b_seconds
+        our_rate = our_lines / our_seconds
+        print(
+            f"fail2ban-regex (postfix filter): {f2b_rate:10,.0f} lines/s "
+            f"({f2b_lines:,} lines in {f2b_seconds:.2f} s)"
+        )
+        print(
+            f"sender-filter ingest:           {our_rate:10,.0f} lines/s "
+            f"({our_lines:,} lines in {our_seconds:.2f} s, peak RSS {our_rss:.0f} MiB)"
+        )
+        print(f"ratio: {our_rate / f2b_rate:.2f}x  (SPEC §9 bar: 5x)")
+
+        crowd = tmp / "senders.log"
+        many_senders_log(crowd, args.senders)
+        (tmp / "b").mkdir()
+        seconds, rss, lines = ingest(tmp / "b", crowd)
+        print(
+            f"{args.senders:,} distinct senders in one window: peak RSS {rss:.0f} MiB "
+            f"(SPEC §9 bar: 150 MB), {lines:,} lines in {seconds:.2f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
