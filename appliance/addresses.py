@@ -3,7 +3,6 @@
 import ipaddress
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-WIDEST = {4: 0, 6: 0}
 
 
 class AddressError(ValueError):
@@ -15,10 +14,12 @@ def parse_ip(text):
     text = text.strip().strip("[]")
     if text[:5].lower() == "ipv6:":
         text = text[5:]
+    if "%" in text:
+        raise AddressError(f"{text[:60]!r}: zone ids (%) are not sender addresses")
     try:
         address = ipaddress.ip_address(text)
     except ValueError as exc:
-        raise AddressError(f"{text!r} is not an IP address") from exc
+        raise AddressError(f"{text[:60]!r} is not an IP address") from exc
     if address.version == 6 and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
@@ -30,10 +31,20 @@ def parse_network(text):
     if "/" not in text:
         address = parse_ip(text)
         return ipaddress.ip_network(address)
+    if "%" in text:
+        raise AddressError(f"{text[:60]!r}: zone ids (%) are not sender addresses")
     try:
         network = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
-        raise AddressError(f"{text!r} is not an IP address or CIDR network") from exc
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise AddressError(
+                f"{text[:60]!r} is not an IP address or CIDR network"
+            ) from exc
+        raise AddressError(
+            f"{text!r} has host bits set; did you mean {loose}?"
+        ) from exc
     if network.version == 6 and network.network_address.ipv4_mapped:
         mapped = network.network_address.ipv4_mapped
         prefix = max(network.prefixlen - 96, 0)
@@ -77,6 +88,22 @@ def covers(outer, inner):
 def overlaps(first, second):
     """Whether two networks share any address."""
     return first.version == second.version and first.overlaps(second)
+
+
+def not_a_sender(network):
+    """Why no mail can come from this network (multicast, unspecified...), or ''."""
+    first = network.network_address
+    if first.is_unspecified:
+        return "is the unspecified address"
+    if first.is_multicast:
+        return "is multicast"
+    if network.version == 4 and network.broadcast_address == ipaddress.ip_address(
+        "255.255.255.255"
+    ):
+        return "is the broadcast address"
+    if first.is_link_local:
+        return "is link-local"
+    return ""
 
 
 def is_loopback(network):

@@ -276,8 +276,11 @@ def cmd_unblock(settings, args):
 
 def cmd_approve(settings, args):
     """Approve an IP or CIDR (lifts its blocks)."""
-    target = service.approve(args.target, actor="cli")
-    return {"approved": target}, f"{target} approved"
+    target, lifted = service.approve(args.target, actor="cli")
+    text = f"{target} approved"
+    if lifted:
+        text += f"; blocks lifted: {', '.join(lifted)}"
+    return {"approved": target, "lifted": lifted}, text
 
 
 def cmd_unapprove(settings, args):

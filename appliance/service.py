@@ -58,6 +58,9 @@ class Guard:
                 f"{shown} is wider than /{self.widest[network.version]}, "
                 "the widest range a block may cover"
             )
+        odd = addresses.not_a_sender(network)
+        if odd:
+            raise Refused(f"{shown} {odd}, not a sender")
         if addresses.is_loopback(network):
             raise Refused(f"{shown} covers loopback, which is always approved")
         for own in self.own:
@@ -232,12 +235,15 @@ def active_blocks(now=None):
 
 
 def approve(text, *, actor, note=""):
-    """Put an address or CIDR on the approved list and lift blocks on it."""
+    """Approve an address or CIDR; returns it and the targets of blocks lifted."""
     try:
         network = addresses.parse_network(text)
     except addresses.AddressError as exc:
         raise Refused(str(exc)) from exc
     target = addresses.sender_text(network)
+    widest = _guard.widest[network.version]
+    if network.prefixlen < widest:
+        raise Refused(f"{target} is wider than /{widest}, the widest range to approve")
     if ApprovedHost.get_or_none(ApprovedHost.target == target) is not None:
         raise Refused(f"{target} is already approved")
 
@@ -248,8 +254,7 @@ def approve(text, *, actor, note=""):
         )
         audit(actor, "approve", target, note)
     overlapping = (Block.key_first <= last) & (Block.key_last >= first)
-    lift(overlapping, actor=actor, reason="approved")
-    return target
+    return target, lift(overlapping, actor=actor, reason="approved")
 
 
 def unapprove(text, *, actor):

@@ -73,7 +73,12 @@ def test_permanent_block_of_an_ipv6_network(run):
         (("block", "::/0"), "::/0 is wider than /32"),
         (("block", "127.0.0.1"), "127.0.0.1 covers loopback"),
         (("block", "not-an-ip"), "'not-an-ip' is not an IP address"),
-        (("block", "192.0.2.9/24"), "is not an IP address or CIDR network"),
+        (("block", "192.0.2.9/24"), "has host bits set; did you mean 192.0.2.0/24?"),
+        (("block", "fe80::1%eth0"), "zone ids (%) are not sender addresses"),
+        (("block", "0.0.0.0"), "0.0.0.0 is the unspecified address, not a sender"),
+        (("block", "224.0.0.1"), "224.0.0.1 is multicast, not a sender"),
+        (("block", "255.255.255.255"), "is the broadcast address, not a sender"),
+        (("approve", "0.0.0.0/0"), "wider than /16, the widest range to approve"),
         (("block", "192.0.2.9", "--for", "soon"), "'soon' is not a duration"),
         (("block", "192.0.2.9", "--for", "31d"), "from 1 second to 30 days"),
         (("unblock", "192.0.2.9"), "192.0.2.9 is not blocked"),
@@ -93,7 +98,8 @@ def test_approved_address_cannot_be_blocked_and_approving_lifts(run):
     assert run("block", "203.0.113.5", "--permanent")[0] == 0
 
     status, out, _ = run("approve", "203.0.113.0/28")
-    assert status == 0 and out.strip() == "203.0.113.0/28 approved"
+    assert status == 0
+    assert out.strip() == "203.0.113.0/28 approved; blocks lifted: 203.0.113.5"
     assert json.loads(run("blocks", "--json")[1]) == []
 
     status, _, err = run("block", "203.0.113.9")

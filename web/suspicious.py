@@ -127,7 +127,7 @@ def check_block_form(action, ticked, duration_text):
     if action not in BLOCK_ACTIONS:
         problems.append("Choose Block Temporarily or Block Permanently.")
 
-    ids = [int(value) for value in ticked if value.isdigit()]
+    ids = [int(v) for v in ticked if v.isascii() and v.isdigit() and len(v) < 19]
     if len(ids) != len(ticked):
         problems.append("The ticked rows are not entries of the log.")
     elif not ids:
