@@ -24,6 +24,7 @@ from appliance.config import RuleDefaults
 
 HOST = "mx1"
 DOMAIN = "example.com"
+IPV4_SENDERS = 720
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
 
 
@@ -69,7 +70,8 @@ def make_senders(rng, scale=1.0):
     for kind, (count, _span, _burst) in CLASSES.items():
         for _ in range(max(1, int(count * scale))):
             serial += 1
-            if rng.random() < 0.3:
+            # 720 IPv4 documentation addresses at most; IPv6 beyond them
+            if rng.random() < 0.3 or serial >= IPV4_SENDERS:
                 host = rng.randrange(1, 0xFFFF)
                 ip = f"2001:db8:{serial // 256:x}:{serial % 256:x}::{host:x}"
             else:
