@@ -147,6 +147,23 @@ class AuditEntry(BaseModel):
     detail = TextField(default="")
 
 
+class ApiToken(BaseModel):
+    """A named API token; `token_hash` is the token's SHA-256, never the token."""
+
+    name = CharField(unique=True)
+    token_hash = CharField(unique=True)
+    created_at = FloatField(default=time.time)
+    last_used = FloatField(null=True)
+
+
+class ApplianceState(BaseModel):
+    """Small facts the daemon publishes for the console (backend, heartbeat)."""
+
+    key = CharField(primary_key=True)
+    value = TextField(default="")
+    updated_at = FloatField(default=time.time)
+
+
 ALL_MODELS = (
     Admin,
     Rule,
@@ -157,6 +174,8 @@ ALL_MODELS = (
     SourcePosition,
     SourceCounter,
     AuditEntry,
+    ApiToken,
+    ApplianceState,
 )
 
 

@@ -17,6 +17,7 @@ from werkzeug.security import generate_password_hash
 from appliance import addresses
 from appliance.config import THREAT_TYPES
 from appliance.models import Admin
+from appliance.models import ApplianceState
 from appliance.models import ApprovedHost
 from appliance.models import AuditEntry
 from appliance.models import Block
@@ -270,6 +271,13 @@ def unapprove(text, *, actor):
     if not removed:
         raise Refused(f"{target} is not on the approved list")
     return target
+
+
+def publish_state(**facts):
+    """Record facts for the console (the daemon's backend, its heartbeat)."""
+    now = time.time()
+    rows = [{"key": k, "value": str(v), "updated_at": now} for k, v in facts.items()]
+    ApplianceState.replace_many(rows).execute()
 
 
 def seed_rules(settings):

@@ -3,6 +3,7 @@
 import logging
 import os
 import secrets
+import time
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
@@ -10,17 +11,23 @@ from datetime import timedelta
 from flask import Flask
 from flask import g
 from flask import render_template
+from flask import request
 from flask_wtf.csrf import CSRFError
 from flask_wtf.csrf import CSRFProtect
 
+from appliance.models import ApplianceState
 from appliance.models import db
 from appliance.timefmt import format_duration
+from web import api
 from web import auth
 from web import blocks
 from web import suspicious
 from web.dns import PtrLookup
 
 log = logging.getLogger(__name__)
+
+# the daemon publishes a heartbeat every few seconds
+DAEMON_SILENT = 30
 
 csrf = CSRFProtect()
 
@@ -48,12 +55,34 @@ def create_app(settings, test_config=None):
     app.register_blueprint(auth.bp)
     app.register_blueprint(suspicious.bp)
     app.register_blueprint(blocks.bp)
+    app.register_blueprint(api.bp)
+    csrf.exempt(api.bp)
     app.register_error_handler(CSRFError, form_expired)
     app.jinja_env.trim_blocks = True
     app.jinja_env.lstrip_blocks = True
     app.add_template_filter(utc_time, "utc")
     app.add_template_filter(format_duration, "duration")
+    app.context_processor(enforcement_notice)
     return app
+
+
+def enforcement_notice():
+    """A banner when blocks are not enforced: dry-run backend, or no daemon."""
+    if request.path.startswith(("/api/", "/static/")):
+        return {}
+    state = {row.key: row for row in ApplianceState.select()}
+    backend = state.get("enforcement")
+    heartbeat = state.get("heartbeat")
+    if backend is None or heartbeat is None:
+        return {"notice": "The daemon has not run yet: no block is enforced."}
+    if time.time() - heartbeat.updated_at > DAEMON_SILENT:
+        return {"notice": "The daemon is not running: blocks are not enforced now."}
+    if backend.value == "dry-run":
+        return {
+            "notice": "Enforcement is DRY-RUN: the daemon logs what it would block "
+            "and blocks nothing."
+        }
+    return {}
 
 
 def read_secret_key(path):

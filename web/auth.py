@@ -1,6 +1,7 @@
 """Administrator login and logout, and the guard that keeps every page behind it."""
 
 import logging
+import time
 from urllib.parse import urlsplit
 
 from flask import Blueprint
@@ -14,23 +15,29 @@ from flask import url_for
 from werkzeug.security import check_password_hash
 from werkzeug.security import generate_password_hash
 
+from appliance import service
 from appliance.models import Admin
+from appliance.models import ApplianceState
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("auth", __name__)
 
 OPEN_ENDPOINTS = ("auth.login", "static")
+# the API takes a bearer token instead of a session (web/api.py checks it)
+API_PREFIX = "/api/"
 # compared against when the name is unknown, so both failures take as long
 UNKNOWN_ADMIN_HASH = generate_password_hash("no administrator has this password")
 
 
 def require_login():
     """Send anyone not logged in to the login page, remembering where they went."""
-    if request.endpoint in OPEN_ENDPOINTS:
+    if request.endpoint in OPEN_ENDPOINTS or request.path.startswith(API_PREFIX):
         return None
     username = session.get("admin")
     admin = Admin.get_or_none(Admin.username == username) if username else None
+    if admin is not None and session.get("since", 0) <= logged_out_at(username):
+        admin = None
     if admin is None:
         wanted = request.full_path.rstrip("?") if request.method == "GET" else None
         return redirect(url_for("auth.login", next=wanted))
@@ -59,16 +66,25 @@ def login():
     session.clear()
     session.permanent = True
     session["admin"] = admin.username
+    session["since"] = time.time()
     log.info("%s logged in to the console from %s", admin.username, request.remote_addr)
     return redirect(local_path(wanted))
 
 
 @bp.post("/logout")
 def logout():
-    """End the session."""
+    """End this session and every older one of this administrator."""
+    if "admin" in session:
+        service.publish_state(**{f"logout:{session['admin']}": time.time()})
     session.clear()
     flash("Logged out.", "ok")
     return redirect(url_for("auth.login"))
+
+
+def logged_out_at(username):
+    """When the administrator last logged out (cookies older than that are void)."""
+    row = ApplianceState.get_or_none(ApplianceState.key == f"logout:{username}")
+    return float(row.value) if row else 0.0
 
 
 def local_path(target):
