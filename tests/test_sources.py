@@ -1,32 +1,21 @@
-"""Mail-log sources: annotated sample lines, the public corpus, robustness, state.
+"""Mail-log sources: annotated sample lines, the public corpus, a real capture, state.
 
-Sample files (tests/samples/*.txt) are read line by line:
-
-- `#` starts a comment; `#! now=RFC3339` sets the reference time for
-  year-less stamps in the lines below it;
-- `--- title` starts a scenario: the lines after it go to a fresh correlator;
-- any other non-blank line is a log line, fed after the scenario's earlier
-  lines, and must be followed by one or more `=>` lines saying what it gives:
-  `=> none`, `=> skipped`, or one `=> ip=ADDR message=N violations=a,b
-  recipients=N unknown=N [ts=RFC3339]` per event, in order (omitted fields are
-  0 or empty; without ts= the line's own stamp is expected).
+The annotated sample format is described in tests/annotated.py and
+docs/sources.md; robustness (fuzzing) is in test_sources_fuzz.py and time
+stamps in test_sources_stamps.py.
 """
 
-import ipaddress
 import json
-import random
-import time
-from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import pytest
+from annotated import SAMPLES
+from annotated import all_samples
+from annotated import expected_events
+from annotated import read_as_utc
 
 from appliance.config import THREAT_TYPES
-from appliance.events import MailEvent
 from appliance.sources.correlate import Correlator
-from appliance.sources.timestamps import StampReader
-from appliance.sources.timestamps import parse_stamp
 
 try:
     from tests.conftest import CORPUS
@@ -35,97 +24,15 @@ except ImportError:  # tests/ is not a package: pytest put tests/ on sys.path
     from conftest import CORPUS
     from conftest import require
 
-SAMPLES = Path(__file__).resolve().parent / "samples"
-DEFAULT_NOW = datetime.fromisoformat("2026-12-05T00:00:00+00:00").timestamp()
-
-
-@dataclass
-class Sample:
-    """One annotated log line and the scenario lines fed before it."""
-
-    where: str
-    line: str
-    history: tuple
-    now: float
-    expected: list
-
-
-def read_samples(path):
-    """Every annotated log line of one sample file."""
-    samples = []
-    history = []
-    now = DEFAULT_NOW
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        where = f"{path.name}:{number}"
-        if text.startswith("=>"):
-            if not samples:
-                raise ValueError(f"{where}: '=>' without a log line before it")
-            samples[-1].expected.append(text[2:].strip())
-            continue
-        if samples and not samples[-1].expected:
-            raise ValueError(f"{samples[-1].where}: log line without '=>' after it")
-
-        if not text.strip() or (text.startswith("#") and not text.startswith("#!")):
-            continue
-        if text.startswith("#!"):
-            key, _, value = text[2:].strip().partition("=")
-            if key != "now":
-                raise ValueError(f"{where}: unknown directive {key!r}")
-            now = datetime.fromisoformat(value).timestamp()
-        elif text.startswith("---"):
-            history = []
-        else:
-            samples.append(Sample(where, text, tuple(history), now, []))
-            history.append(text)
-    if samples and not samples[-1].expected:
-        raise ValueError(f"{samples[-1].where}: log line without '=>' after it")
-    return samples
-
-
-def all_samples():
-    """Annotated lines of every sample file, in file order."""
-    return [s for path in sorted(SAMPLES.glob("*.txt")) for s in read_samples(path)]
-
-
-def expected_events(sample):
-    """The MailEvents a sample's `=>` lines describe."""
-    own_ts = StampReader(now=lambda: sample.now).read(sample.line)
-    events = []
-    for text in sample.expected:
-        if text in ("none", "skipped"):
-            continue
-        fields = dict(word.split("=", 1) for word in text.split())
-        ts = fields.pop("ts", None)
-        events.append(
-            MailEvent(
-                ts=datetime.fromisoformat(ts).timestamp() if ts else own_ts[0],
-                ip=fields.pop("ip"),
-                message=int(fields.pop("message", 0)),
-                violations=tuple(filter(None, fields.pop("violations", "").split(","))),
-                recipients=int(fields.pop("recipients", 0)),
-                unknown=int(fields.pop("unknown", 0)),
-            )
-        )
-        assert not fields, f"{sample.where}: unknown fields {fields}"
-    return events
-
-
-def pin_zone(monkeypatch, zone):
-    """Make the process's local time zone `zone` (a POSIX TZ string)."""
-    monkeypatch.setenv("TZ", zone)
-    time.tzset()
+NOW = datetime.fromisoformat("2026-12-04T12:00:00+00:00").timestamp()
+REAL_CAPTURE = SAMPLES / "postfix-real.log"
+SAMPLE_LINES = all_samples()
 
 
 @pytest.fixture(autouse=True)
 def utc(monkeypatch):
     """Classic stamps are local time: read them as UTC in these tests."""
-    pin_zone(monkeypatch, "UTC")
-    yield
-    monkeypatch.undo()
-    time.tzset()
-
-
-SAMPLE_LINES = all_samples()
+    yield from read_as_utc(monkeypatch)
 
 
 @pytest.mark.parametrize("sample", SAMPLE_LINES, ids=[s.where for s in SAMPLE_LINES])
@@ -150,82 +57,16 @@ def test_samples_cover_every_threat_type_and_both_stamp_styles():
     assert any(":" in e.ip for e in events)
 
 
-# --- time stamps -------------------------------------------------------------
+def test_samples_cover_every_program_read():
+    programs = ("/smtpd[", "/postscreen[", "/cleanup[", "/qmgr[", "amavis")
+    programs += ("rspamd", "clamav-milter[", "postfix-in/", "/submission/")
 
-NOW = datetime.fromisoformat("2026-12-04T12:00:00+00:00").timestamp()
+    missing = [p for p in programs if not any(p in s.line for s in SAMPLE_LINES)]
 
-
-@pytest.mark.parametrize(
-    ("stamp", "reference", "expected"),
-    [
-        ("Dec  4 10:00:00", NOW, "2026-12-04T10:00:00+00:00"),
-        ("Mar 7 02:09:33", NOW, "2026-03-07T02:09:33+00:00"),
-        ("Jun 04 22:24:28", NOW, "2026-06-04T22:24:28+00:00"),
-        ("Dec  5 11:59:59", NOW, "2026-12-05T11:59:59+00:00"),
-        ("Dec  5 12:00:01", NOW, "2025-12-05T12:00:01+00:00"),
-        ("Dec 31 23:59:59", "2027-01-01T00:10:00+00:00", "2026-12-31T23:59:59+00:00"),
-        ("Jan  1 00:00:05", "2026-12-31T23:59:00+00:00", "2027-01-01T00:00:05+00:00"),
-        ("Feb 29 12:00:00", "2027-03-01T00:00:00+00:00", "2024-02-29T12:00:00+00:00"),
-        ("Dec  4 10:00:00.250", NOW, "2026-12-04T10:00:00.25+00:00"),
-        ("2026-12-04T10:00:00.123456+00:00", NOW, "2026-12-04T10:00:00.123456+00:00"),
-        ("2026-12-04T11:00:00.5+01:00", NOW, "2026-12-04T10:00:00.5+00:00"),
-        ("2026-12-04T10:00:00Z", NOW, "2026-12-04T10:00:00+00:00"),
-        ("2020-01-01T00:00:00+00:00", NOW, "2020-01-01T00:00:00+00:00"),
-    ],
-)
-def test_stamp_is_read_as_utc_epoch_seconds(stamp, reference, expected):
-    if isinstance(reference, str):
-        reference = datetime.fromisoformat(reference).timestamp()
-
-    found = parse_stamp(stamp + " mx1 postfix/smtpd[1]: x", reference=reference)
-
-    assert found == datetime.fromisoformat(expected).timestamp()
+    assert missing == []
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        "",
-        "Foo  4 10:00:00 mx1",
-        "Dec 32 10:00:00 mx1",
-        "Dec  0 10:00:00 mx1",
-        "Dec  4 24:00:00 mx1",
-        "Feb 30 10:00:00 mx1",
-        "2026-13-01T00:00:00+00:00 mx1",
-        "2026-12-04 mx1",
-        "12345",
-        "dec  4 10:00:00 mx1",
-    ],
-)
-def test_text_without_a_stamp_gives_none(text):
-    assert parse_stamp(text, reference=NOW) is None
-
-
-def test_classic_stamp_is_local_time(monkeypatch):
-    pin_zone(monkeypatch, "XST-1")
-
-    found = parse_stamp("Dec  4 10:00:00 mx1", reference=NOW)
-
-    assert found == datetime.fromisoformat("2026-12-04T09:00:00+00:00").timestamp()
-
-
-def test_default_reference_is_the_wall_clock():
-    stamp = time.strftime("%b %d %H:%M:%S", time.localtime(time.time() - 60))
-
-    found = parse_stamp(stamp)
-
-    assert abs(found - (time.time() - 60)) < 5
-
-
-# --- the public corpus -------------------------------------------------------
-
-
-def corpus_files():
-    """The public corpus logs; skipped (failed under CI) when absent."""
-    require(CORPUS.is_dir(), f"needs the public corpus in {CORPUS}")
-    files = sorted(CORPUS.glob("*.log"))
-    require(bool(files), f"no *.log files in {CORPUS}")
-    return files
+# --- a real Postfix capture and the public corpus ----------------------------
 
 
 def feed_file(correlator, path):
@@ -235,6 +76,35 @@ def feed_file(correlator, path):
         for raw in handle:
             events.extend(correlator.feed(raw.decode("utf-8", "replace")))
     return events
+
+
+def test_real_capture_is_understood_and_matches_its_disconnect_counters():
+    correlator = Correlator(now=lambda: NOW)
+
+    events = feed_file(correlator, REAL_CAPTURE)
+
+    assert correlator.skipped == 0
+    charged, counted = {}, {}
+    for event in events:
+        messages, recipients = charged.get(event.ip, (0, 0))
+        charged[event.ip] = (messages + event.message, recipients + event.recipients)
+    for line in REAL_CAPTURE.read_text().splitlines():
+        if " disconnect from " in line:
+            ip = line.split("[", 2)[2].split("]")[0]
+            words = dict(w.split("=") for w in line.split() if "=" in w)
+            messages, recipients = counted.get(ip, (0, 0))
+            mail = int(words.get("mail", "0").split("/")[0])
+            rcpt = int(words.get("rcpt", "0").split("/")[-1])
+            counted[ip] = (messages + mail, recipients + rcpt)
+    assert charged == counted
+
+
+def corpus_files():
+    """The public corpus logs; skipped (failed under CI) when absent."""
+    require(CORPUS.is_dir(), f"needs the public corpus in {CORPUS}")
+    files = sorted(CORPUS.glob("*.log"))
+    require(bool(files), f"no *.log files in {CORPUS}")
+    return files
 
 
 def test_corpus_harvesters_are_charged_their_unknown_recipients():
@@ -268,79 +138,17 @@ def test_corpus_log_lines_are_all_understood():
         assert correlator.skipped == comments, path.name
 
 
-# --- robustness --------------------------------------------------------------
+def test_corpus_verdicts_are_the_expected_ones():
+    found = set()
 
-NOISE = "[]<>():;,=@./- \t\x00\x7f\ufffd\u00e9\u2028" + "0123456789ABCDEFabcdef"
-TOKENS = (
-    "NOQUEUE: ",
-    "reject: ",
-    "milter-reject: ",
-    "client=",
-    "from=<>",
-    "[",
-    "]",
-    "[IPv6:",
-    "::ffff:",
-    "Queue-ID: ",
-    "Blocked SPAM ",
-    " (queue active)",
-    "nrcpt=",
-    "RCPT from ",
-    "Recipient address rejected: User unknown",
-    "99999999999999999999",
-)
+    for path in corpus_files():
+        correlator = Correlator(now=lambda: NOW)
+        for event in feed_file(correlator, path):
+            found.update((event.ip, v) for v in event.violations if v != "dha")
 
-
-def mangle(rng, line):
-    """A line with one to three random edits: cut, drop, insert, repeat, swap."""
-    for _ in range(rng.randint(1, 3)):
-        at = rng.randrange(len(line) + 1)
-        edit = rng.randrange(7)
-        if edit == 0:
-            line = line[:at]
-        elif edit == 1:
-            line = line[:at] + line[at + rng.randint(1, 12) :]
-        elif edit == 2:
-            noise = "".join(rng.choice(NOISE) for _ in range(rng.randint(1, 6)))
-            line = line[:at] + noise + line[at:]
-        elif edit == 3:
-            line = line[:at] + rng.choice(TOKENS) + line[at:]
-        elif edit == 4:
-            line = line[:at] + line[at : at + rng.randint(1, 40)] * 2 + line[at:]
-        elif edit == 5:
-            words = line.split(" ")
-            i, j = rng.randrange(len(words)), rng.randrange(len(words))
-            words[i], words[j] = words[j], words[i]
-            line = " ".join(words)
-        else:
-            line = bytes(rng.randrange(256) for _ in range(rng.randint(0, 80))).decode(
-                "latin-1"
-            )
-    return line
-
-
-def test_feed_never_raises_on_mangled_lines():
-    rng = random.Random(20261204)
-    originals = [s.line for s in SAMPLE_LINES]
-    if CORPUS.is_dir():
-        for path in sorted(CORPUS.glob("*.log")):
-            originals += path.read_text("utf-8", "replace").splitlines()
-    correlator = Correlator(now=lambda: NOW)
-
-    for _ in range(20000):
-        line = rng.choice(originals)
-        if rng.random() < 0.9:
-            line = mangle(rng, line)
-        for event in correlator.feed(line):
-            address = ipaddress.ip_address(event.ip)
-            assert not address.is_loopback and str(address) == event.ip
-            assert event.message in (0, 1)
-            assert set(event.violations) <= set(THREAT_TYPES)
-            assert event.recipients >= event.unknown >= 0
-
-    assert correlator.lines == 20000
-    assert correlator.skipped > 1000
-    Correlator.restore(json.loads(json.dumps(correlator.dump())))
+    assert ("93.184.216.34", "spam") in found  # RBL reject, smtpd
+    assert ("216.245.194.173", "spam") in found  # DNSBL reject, postscreen
+    assert ("192.0.2.151", "spam") in found  # bare milter reject at DATA
 
 
 # --- state across restarts ---------------------------------------------------
@@ -368,7 +176,25 @@ def test_restore_of_nothing_is_a_fresh_correlator():
     assert (correlator.lines, correlator.skipped, correlator.queue) == (0, 0, {})
 
 
-def test_state_forgets_removed_and_stale_queue_ids():
+def test_state_saved_before_sessions_were_kept_still_restores():
+    saved = {
+        "version": 1,
+        "lines": 7,
+        "skipped": 1,
+        "newest": NOW,
+        "pruned_at": NOW,
+        "groups": {"postfix/smtpd[1]": ["192.0.2.5", "a@example.com", NOW, ["dha"]]},
+        "queue": {"0A0A0A0A0A": ["192.0.2.6", None, NOW, ["queued"]]},
+    }
+
+    correlator = Correlator.restore(saved, now=lambda: NOW)
+
+    assert (correlator.lines, correlator.skipped, correlator.sessions) == (7, 1, {})
+    assert correlator.queue["0A0A0A0A0A"].flags == {"queued"}
+    assert correlator.dump()["queue"]["0A0A0A0A0A"][4] is None
+
+
+def test_state_forgets_removed_and_stale_queue_ids_and_sessions():
     correlator = Correlator(now=lambda: NOW)
     start = "2026-12-01T10:00:00+00:00 mx1 postfix/"
     correlator.feed(start + "smtpd[1]: 0A0A0A0A0A: client=a.example.net[192.0.2.5]")
@@ -379,13 +205,16 @@ def test_state_forgets_removed_and_stale_queue_ids():
     )
     correlator.feed(start + "smtpd[3]: 0C0C0C0C0C: client=c.example.net[192.0.2.7]")
     correlator.feed(start + "qmgr[9]: 0C0C0C0C0C: removed")
+    correlator.feed(start + "smtpd[5]: connect from d.example.net[192.0.2.8]")
 
     assert set(correlator.dump()["queue"]) == {"0A0A0A0A0A", "0B0B0B0B0B"}
+    assert set(correlator.dump()["sessions"]) == {"postfix/smtpd[5]"}
 
     correlator.feed(
         "2026-12-01T12:00:00+00:00 mx1 postfix/smtpd[4]: connect from x[::1]"
     )
     assert set(correlator.dump()["queue"]) == {"0B0B0B0B0B"}
+    assert correlator.dump()["sessions"] == {}
 
     correlator.feed(
         "2026-12-03T12:00:00+00:00 mx1 postfix/smtpd[4]: connect from x[::1]"

@@ -6,6 +6,11 @@ recipients before a queue ID exists form a "reject group": consecutive
 NOQUEUE rejects of one session, client IP and sender, counted as one
 transaction. Each threat type is charged at most once per transaction.
 
+An smtpd session seen from its `connect` keeps a tally of the transactions
+and recipients charged to it; its `disconnect` counters (`mail=`, `rcpt=`)
+then add what no line showed: transactions the reject groups merged or that
+left no line, recipients of messages that never reached qmgr.
+
 State is small and JSON-serialisable (`dump`/`restore`), so the ingest
 pipeline can save it in the same database transaction as the counts.
 """
@@ -13,6 +18,7 @@ pipeline can save it in the same database transaction as the counts.
 import logging
 
 from appliance.events import MailEvent
+from appliance.sources import logline
 from appliance.sources import maillog
 from appliance.sources.timestamps import StampReader
 
@@ -23,22 +29,44 @@ QUEUED_LIFETIME = 2 * 86400.0
 OPEN_LIFETIME = 3600.0
 PRUNE_EVERY = 300.0
 QUEUED = "queued"
+SETTLED = "settled"
+VERDICTS = frozenset(("spam", "virus"))
+UNCOUNTED_STAGES = ("MAIL", "VRFY")
+MISSING_LIMIT = 1000
 
 
 class Transaction:
-    """One SMTP transaction: client IP, sender, and the flags already charged."""
+    """One SMTP transaction: client IP, sender, flags already charged, session."""
 
-    __slots__ = ("ip", "sender", "ts", "flags")
+    __slots__ = ("ip", "sender", "ts", "flags", "session")
 
-    def __init__(self, ip, sender, ts, flags=()):
+    def __init__(self, ip, sender, ts, flags=(), session=None):
         self.ip = ip
         self.sender = sender
         self.ts = ts
         self.flags = set(flags)
+        self.session = session
 
     def as_list(self):
-        """The JSON form: [ip, sender, last seen, sorted flags]."""
-        return [self.ip, self.sender, self.ts, sorted(self.flags)]
+        """The JSON form: [ip, sender, last seen, sorted flags, session]."""
+        return [self.ip, self.sender, self.ts, sorted(self.flags), self.session]
+
+
+class Session:
+    """An smtpd session seen from `connect`: what was charged to it so far."""
+
+    __slots__ = ("ip", "ts", "transactions", "recipients", "queue_ids")
+
+    def __init__(self, ip, ts, transactions=0, recipients=0, queue_ids=()):
+        self.ip = ip
+        self.ts = ts
+        self.transactions = transactions
+        self.recipients = recipients
+        self.queue_ids = list(queue_ids)
+
+    def as_list(self):
+        """The JSON form: [ip, last seen, transactions, recipients, queue IDs]."""
+        return [self.ip, self.ts, self.transactions, self.recipients, self.queue_ids]
 
 
 class Correlator:
@@ -46,9 +74,10 @@ class Correlator:
 
     `lines` counts every line fed; `skipped` those not understood: no time
     stamp or program could be read, or a line of a program we follow (Postfix
-    smtpd, postscreen, cleanup, qmgr; amavis verdicts) matched no known form.
-    Lines known to carry nothing for the profiler (warnings, SASL failures,
-    TLS notes, other programs) are understood and not skipped.
+    smtpd, postscreen, cleanup, qmgr; amavis, rspamd and clamav-milter
+    verdicts) matched no known form. Lines known to carry nothing for the
+    profiler (warnings, TLS notes, delivery agents, other programs) are
+    understood and not skipped.
     """
 
     def __init__(self, now=None):
@@ -57,20 +86,22 @@ class Correlator:
         self.skipped = 0
         self.groups = {}
         self.queue = {}
+        self.sessions = {}
         self.newest = 0.0
         self.pruned_at = 0.0
         self.handlers = {
-            maillog.CONNECT: self._session_edge,
-            maillog.DISCONNECT: self._session_edge,
-            maillog.CLIENT: self._client,
-            maillog.RCPT_REJECT: self._rcpt_reject,
-            maillog.VRFY_REJECT: self._vrfy_reject,
-            maillog.MAIL_REJECT: self._mail_reject,
-            maillog.DATA_REJECT: self._data_reject,
-            maillog.CONTENT_REJECT: self._content_reject,
-            maillog.QUEUED: self._queued,
-            maillog.REMOVED: self._removed,
-            maillog.VERDICT: self._verdict,
+            logline.CONNECT: self._connect,
+            logline.DISCONNECT: self._disconnect,
+            logline.SESSION_EDGE: self._session_edge,
+            logline.CLIENT: self._client,
+            logline.RCPT_REJECT: self._rcpt_reject,
+            logline.VRFY_REJECT: self._vrfy_reject,
+            logline.MAIL_REJECT: self._mail_reject,
+            logline.DATA_REJECT: self._data_reject,
+            logline.CONTENT_REJECT: self._content_reject,
+            logline.QUEUED: self._queued,
+            logline.REMOVED: self._removed,
+            logline.VERDICT: self._verdict,
         }
 
     def feed(self, line):
@@ -78,7 +109,7 @@ class Correlator:
         self.lines += 1
         record = maillog.parse(line, self.stamps)
         kind = record.kind
-        if kind == maillog.SKIPPED:
+        if kind == logline.SKIPPED:
             self.skipped += 1
             log.debug("mail-log line skipped: %r", line)
             return []
@@ -93,57 +124,100 @@ class Correlator:
         return handler(record)
 
     def _session_edge(self, record):
-        """connect/disconnect: whatever reject group the session had is over."""
+        """A postscreen client comes or goes: its reject group is over."""
         self.groups.pop(record.session, None)
         return []
+
+    def _connect(self, record):
+        """smtpd connect: a new session, with nothing charged to it yet."""
+        self.groups.pop(record.session, None)
+        if record.ip is None:
+            self.sessions.pop(record.session, None)
+        else:
+            self.sessions[record.session] = Session(record.ip, record.ts)
+        return []
+
+    def _disconnect(self, record):
+        """smtpd disconnect: add what the session's counters show beyond its lines.
+
+        Transactions: accepted MAIL commands beyond those charged. Recipients:
+        RCPT commands beyond those charged; the session's queue IDs that have
+        not reached qmgr yet are settled here, and their qmgr line adds none.
+        """
+        self.groups.pop(record.session, None)
+        session = self.sessions.pop(record.session, None)
+        if session is None or session.ip != record.ip or record.counters is None:
+            return []
+        accepted_mail, rcpt_commands = record.counters
+        for queue_id in session.queue_ids:
+            transaction = self.queue.get(queue_id)
+            if transaction is not None and QUEUED not in transaction.flags:
+                transaction.flags.add(SETTLED)
+
+        missing = min(max(accepted_mail - session.transactions, 0), MISSING_LIMIT)
+        recipients = max(rcpt_commands - session.recipients, 0)
+        if not (missing or recipients):
+            return []
+        events = [MailEvent(record.ts, record.ip, min(missing, 1), (), recipients)]
+        events += [MailEvent(record.ts, record.ip, 1) for _ in range(missing - 1)]
+        return events
 
     def _client(self, record):
         """A queue file: a new transaction, or the open reject group's one."""
         if record.queue_id in self.queue:
             return []
+        session = self._session_of(record)
+        if session is not None:
+            session.queue_ids.append(record.queue_id)
         group = self.groups.pop(record.session, None)
         if group is not None and group.ip == record.ip:
             group.ts = record.ts
+            group.session = record.session
             self.queue[record.queue_id] = group
             return []
-        transaction = Transaction(record.ip, None, record.ts)
+        transaction = Transaction(record.ip, None, record.ts, session=record.session)
         self.queue[record.queue_id] = transaction
-        return _charge(record.ts, transaction, 1)
+        return self._charge(record, transaction, 1, session=session)
 
     def _rcpt_reject(self, record):
-        """A rejected recipient: one more recipient, DHA when it does not exist."""
-        violation = "dha" if record.unknown else None
+        """A rejected recipient: one more, DHA when it does not exist; RBL is spam."""
+        violations = ("dha",) if record.unknown else ()
+        if record.verdict is not None:
+            violations += (record.verdict,)
         unknown = 1 if record.unknown else 0
         if record.queue_id is not None:
-            return self._charge_queue(record, violation, 1, unknown)
-        return self._charge_group(record, violation, 1, unknown, close=False)
+            return self._charge_queue(record, violations, 1, unknown)
+        return self._charge_group(record, violations, 1, unknown, close=False)
 
     def _vrfy_reject(self, record):
         """VRFY of a user that does not exist: a probe, counted as a transaction."""
         if not record.unknown:
             return []
         transaction = Transaction(record.ip, None, record.ts)
-        return _charge(record.ts, transaction, 1, "dha", 1, 1)
+        return self._charge(record, transaction, 1, ("dha",), 1, 1)
 
     def _mail_reject(self, record):
-        """A rejected MAIL FROM: a transaction of its own, nothing more."""
+        """A rejected MAIL FROM: a transaction of its own (spam if RBL-listed)."""
         self.groups.pop(record.session, None)
+        violations = (record.verdict,) if record.verdict else ()
         if record.queue_id is not None:
-            return self._charge_queue(record, None)
-        return _charge(record.ts, Transaction(record.ip, record.sender, record.ts), 1)
+            return self._charge_queue(record, violations)
+        transaction = Transaction(record.ip, record.sender, record.ts)
+        return self._charge(record, transaction, 1, violations)
 
     def _data_reject(self, record):
         """A rejected DATA/BDAT: ends the transaction (counted already if known)."""
         if record.queue_id is not None:
-            return self._charge_queue(record, None)
-        return self._charge_group(record, None, 0, 0, close=True)
+            return self._charge_queue(record, ())
+        return self._charge_group(record, (), 0, 0, close=True)
 
     def _content_reject(self, record):
         """A milter verdict (reject, discard, hold); 4xx ones carry no verdict."""
+        violations = (record.verdict,) if record.verdict else ()
         if record.queue_id is not None:
-            return self._charge_queue(record, record.verdict, record.recipients)
+            return self._charge_queue(record, violations, record.recipients)
         close = record.stage != "RCPT"
-        return self._charge_group(record, record.verdict, record.recipients, 0, close)
+        return self._charge_group(record, violations, record.recipients, 0, close)
 
     def _queued(self, record):
         """qmgr took the message: its accepted recipients; null sender is a bounce."""
@@ -152,8 +226,15 @@ class Correlator:
             return []
         transaction.flags.add(QUEUED)
         transaction.ts = record.ts
-        violation = "bounce" if record.sender == "" else None
-        return _charge(record.ts, transaction, 0, violation, record.recipients)
+        violations = ("bounce",) if record.sender == "" else ()
+        if SETTLED in transaction.flags:
+            return self._charge(record, transaction, 0, violations)
+        session = self.sessions.get(transaction.session)
+        if session is not None and record.queue_id not in session.queue_ids:
+            session = None
+        return self._charge(
+            record, transaction, 0, violations, record.recipients, session=session
+        )
 
     def _removed(self, record):
         """qmgr removed the message: nothing more will name its queue ID."""
@@ -161,27 +242,47 @@ class Correlator:
         return []
 
     def _verdict(self, record):
-        """An amavis verdict, charged to its queue ID's IP or the line's own IP."""
+        """A scanner's verdict, charged to its queue ID's IP or the line's own IP.
+
+        A verdict for a queue ID never seen, on a line without an IP (the log
+        began mid-message), cannot be charged.
+        """
         if record.verdict is None:
             return []
-        if record.queue_id is not None:
-            return self._charge_queue(record, record.verdict)
+        queue_id = record.queue_id
+        if queue_id is not None and (queue_id in self.queue or record.ip is not None):
+            return self._charge_queue(record, (record.verdict,))
+        if record.ip is None:
+            return []
         transaction = Transaction(record.ip, None, record.ts)
-        return _charge(record.ts, transaction, 1, record.verdict)
+        return self._charge(record, transaction, 1, (record.verdict,))
 
-    def _charge_queue(self, record, violation, recipients=0, unknown=0):
+    def _session_of(self, record):
+        """The open smtpd session a line belongs to, if it is that client's."""
+        session = self.sessions.get(record.session)
+        if session is None or session.ip != record.ip:
+            return None
+        return session
+
+    def _charge_queue(self, record, violations, recipients=0, unknown=0):
         """Charge a queue ID's transaction; an unseen queue ID is a new one."""
         transaction = self.queue.get(record.queue_id)
+        session = self._session_of(record)
         if transaction is None:
             transaction = Transaction(record.ip, record.sender, record.ts)
             self.queue[record.queue_id] = transaction
+            if session is not None:
+                transaction.session = record.session
+                session.queue_ids.append(record.queue_id)
             message = 1
         else:
             transaction.ts = record.ts
             message = 0
-        return _charge(record.ts, transaction, message, violation, recipients, unknown)
+        return self._charge(
+            record, transaction, message, violations, recipients, unknown, session
+        )
 
-    def _charge_group(self, record, violation, recipients, unknown, close):
+    def _charge_group(self, record, violations, recipients, unknown, close):
         """Charge a NOQUEUE line to its session's reject group, opening one if new."""
         group = self.groups.get(record.session)
         if group is None or group.ip != record.ip or group.sender != record.sender:
@@ -193,16 +294,54 @@ class Correlator:
             message = 0
         if close:
             del self.groups[record.session]
-        return _charge(record.ts, group, message, violation, recipients, unknown)
+        session = self._session_of(record)
+        return self._charge(
+            record, group, message, violations, recipients, unknown, session
+        )
+
+    def _charge(
+        self,
+        record,
+        transaction,
+        message,
+        violations=(),
+        recipients=0,
+        unknown=0,
+        session=None,
+    ):
+        """The event for one line of a transaction; each type at most once per one.
+
+        A guessed verdict (a bare milter reject) is dropped when the transaction
+        already has a verdict. The session, if given, tallies what was charged.
+        """
+        if session is not None:
+            session.ts = record.ts
+            session.recipients += recipients
+            if message and record.stage not in UNCOUNTED_STAGES:
+                session.transactions += 1
+        new = ()
+        if violations:
+            flags = transaction.flags
+            if not (record.guess and not flags.isdisjoint(VERDICTS)):
+                new = tuple(v for v in violations if v not in flags)
+                flags.update(new)
+        if transaction.ip is None:
+            return []
+        if not (message or new or recipients):
+            return []
+        return [MailEvent(record.ts, transaction.ip, message, new, recipients, unknown)]
 
     def prune(self):
         """Forget sessions and queue IDs no line has named for a long while."""
         open_since = self.newest - OPEN_LIFETIME
         queued_since = self.newest - QUEUED_LIFETIME
         self.groups = {
-            session: group
-            for session, group in self.groups.items()
-            if group.ts >= open_since
+            key: group for key, group in self.groups.items() if group.ts >= open_since
+        }
+        self.sessions = {
+            key: session
+            for key, session in self.sessions.items()
+            if session.ts >= open_since
         }
         self.queue = {
             queue_id: transaction
@@ -222,6 +361,7 @@ class Correlator:
             "pruned_at": self.pruned_at,
             "groups": {key: group.as_list() for key, group in self.groups.items()},
             "queue": {key: entry.as_list() for key, entry in self.queue.items()},
+            "sessions": {key: s.as_list() for key, s in self.sessions.items()},
         }
 
     @classmethod
@@ -244,17 +384,7 @@ class Correlator:
         correlator.queue = {
             key: Transaction(*entry) for key, entry in state["queue"].items()
         }
+        correlator.sessions = {
+            key: Session(*entry) for key, entry in state.get("sessions", {}).items()
+        }
         return correlator
-
-
-def _charge(ts, transaction, message, violation=None, recipients=0, unknown=0):
-    """The event for one line of a transaction; each type at most once per one."""
-    violations = ()
-    if violation is not None and violation not in transaction.flags:
-        transaction.flags.add(violation)
-        violations = (violation,)
-    if transaction.ip is None:
-        return []
-    if not (message or violations or recipients):
-        return []
-    return [MailEvent(ts, transaction.ip, message, violations, recipients, unknown)]

@@ -1,9 +1,14 @@
-"""Log-line time stamps: classic syslog (`Dec  4 10:00:00`) and RFC 3339.
+"""Log-line time stamps: classic syslog (`Dec  4 10:00:00`) and ISO 8601 ones.
 
 Every stamp becomes epoch seconds (UTC). A classic stamp has neither year nor
 zone: it is read in the machine's local zone and given the year that puts it
 nearest before a reference time (the wall clock unless a test injects one),
 allowing up to a day in the future for clocks that disagree a little.
+
+ISO stamps: RFC 3339 as rsyslog writes it (`2026-12-04T10:00:00.123456+00:00`),
+`journalctl -o short-iso` (`2026-12-04T10:00:00+0100`), and rspamd's own log
+(`2026-12-04 10:00:00`, a space between date and time); without an offset
+they are local time.
 """
 
 import calendar
@@ -26,12 +31,18 @@ CLASSIC = re.compile(r"(([A-Z][a-z]{2}) {1,2}(\d{1,2}) (\d\d)):(\d\d):(\d\d)(\.\
 
 
 class StampReader:
-    """Reads the time stamp at the start of a log line."""
+    """Reads the time stamp at the start of a log line.
+
+    Consecutive lines often share a stamp: the last one of each style is kept
+    with its value, so a repeated stamp is compared, not parsed again.
+    """
 
     def __init__(self, now=time.time):
         self.now = now
         self.hour_starts = {}
         self.year_span = (0.0, -1.0, 0)
+        self.last_classic = ("", 0.0)
+        self.last_iso = ("", 0.0)
 
     def read(self, line):
         """(epoch seconds, index where the rest of the line starts), or None."""
@@ -42,11 +53,15 @@ class StampReader:
         return self._read_classic(line)
 
     def _read_rfc3339(self, line):
-        """An RFC 3339 stamp up to the first space; naive ones are local time."""
+        """An ISO 8601 date and time; naive ones are local time."""
         end = line.find(" ")
+        if end == 10 and line[11:13].isdigit() and line[13:14] == ":":
+            end = line.find(" ", 11)
         if end < 0:
             end = len(line)
         text = line[:end]
+        if text == self.last_iso[0]:
+            return self.last_iso[1], end + 1
         if len(text) < 19 or text[10] not in "Tt ":
             return None
         try:
@@ -57,10 +72,14 @@ class StampReader:
                 seconds = stamp.timestamp()
         except (ValueError, OverflowError, OSError):
             return None
+        self.last_iso = (text, seconds)
         return seconds, end + 1
 
     def _read_classic(self, line):
         """A year-less `Mmm dd HH:MM:SS` stamp in the machine's local zone."""
+        text = line[:15]
+        if text == self.last_classic[0] and line[15:16] == " ":
+            return self.last_classic[1], 16
         match = CLASSIC.match(line)
         if match is None:
             return None
@@ -72,6 +91,8 @@ class StampReader:
         reference = self.now()
         for hour_start in self._hour_starts(match, reference):
             if hour_start + offset <= reference + FUTURE_SLACK:
+                if match.end() == 15:
+                    self.last_classic = (text, hour_start + offset)
                 return hour_start + offset, match.end() + 1
         return None
 
