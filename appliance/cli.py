@@ -78,9 +78,16 @@ def build_parser():
     command("init", cmd_init, "create the database and the first administrator")
     command("run", cmd_run, "the daemon: follow logs, profile, schedule, enforce")
     command("web", cmd_web, "the console (development server)")
-    command("status", cmd_status, "sources, lines read and skipped, blocks")
-    ingest = command("ingest", cmd_ingest, "read logs from their start (catch-up)")
-    ingest.add_argument("files", nargs="+", metavar="FILE")
+    command("status", cmd_status, "sources, lines read and not understood, blocks")
+    ingest = command(
+        "ingest", cmd_ingest, "read logs from where they stopped (catch-up)"
+    )
+    ingest.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="log files, rotated (.1, .2.gz, -YYYYMMDD) ones too, in any order",
+    )
     suspicious = command("suspicious", cmd_suspicious, "the Suspicious IP log")
     suspicious.add_argument("--type", action="append", dest="types", default=[])
     suspicious.add_argument("--ip", default="")
@@ -150,28 +157,32 @@ def cmd_web(settings, args):
 
 
 def cmd_ingest(settings, args):
-    """Catch up on log files from where reading last stopped (or their start)."""
+    """Catch up on log files (rotated and .gz ones too), each from where it stopped."""
     from appliance.ingest import read_files
 
     summary = read_files(settings, args.files, progress=sys.stderr.isatty())
     lifted = service.expire_due()
     summary["expired_blocks"] = len(lifted)
     text = (
-        f"{summary['lines']} lines read ({summary['skipped']} not understood), "
+        f"{summary['lines']} lines read ({summary['skipped']} not understood) "
+        f"from {sum(len(s['files']) for s in summary['sources'])} files, "
         f"{summary['blocks']} blocks made, {summary['entries']} suspicious entries"
     )
     return summary, text
 
 
 def cmd_status(settings, args):
-    """Per-source counters and block totals."""
-    sources = [
-        {"path": c.path, "lines": c.lines, "skipped": c.skipped}
-        for c in models.SourceCounter.select().order_by(models.SourceCounter.path)
-    ]
+    """Per source: lines read and not understood, and how far reading is behind."""
+    from appliance.ingest import source_status
+
+    sources = source_status()
+    for source in sources:
+        source["updated_at"] = iso(source["updated_at"])
     active = len(service.active_blocks())
     lines = [
         f"{s['path']}: {s['lines']} lines, {s['skipped']} not understood"
+        + (f", {s['behind']} bytes to read" if s["behind"] else "")
+        + (f" (last read {s['updated_at']})" if s["updated_at"] else "")
         for s in sources
     ]
     lines.append(f"{active} active blocks")

@@ -1,13 +1,17 @@
-"""From log lines to counts: read, correlate, profile, and persist as one step.
+"""From log lines to counts: read, decode, profile, and persist as one step.
 
-The read position and the correlator's state are saved in the same
-transaction as the counts they produced, so a crash or restart neither
-loses nor double-counts a line.
+A source is one log as the administrator names it (`/var/log/mail.log`)
+with its rotated files. Its read position (which file, by inode and content
+fingerprint, and the offset in it), the files it read before, and the line
+decoder's state are saved in the same transaction as the counts they
+produced, so a crash or restart neither loses nor double-counts a line.
 """
 
+import fcntl
 import json
 import logging
 import os
+import time
 
 from tqdm import tqdm
 
@@ -19,41 +23,135 @@ from appliance.models import db
 from appliance.profiler import Profiler
 from appliance.sources.correlate import Correlator
 from appliance.sources.follow import LogFile
+from appliance.sources.follow import rotation_of
 
 log = logging.getLogger(__name__)
 
 BATCH_LINES = 5000
+FILES_READ = "files-read:"
+
+
+class LogsBusy(OSError):
+    """Another process is reading logs into the same database."""
+
+
+class ReaderLock:
+    """Only one process at a time reads logs into a database (the daemon or ingest).
+
+    Two readers would each count the lines of a log they both follow; the lock
+    is an flock on a file beside the database, released when the process ends.
+    """
+
+    def __init__(self, settings, role):
+        self.path = f"{settings.database}.reader.lock"
+        self.role = role
+        self.handle = None
+
+    def acquire(self):
+        """Take the lock or raise LogsBusy naming the process that holds it."""
+        try:
+            handle = open(self.path, "a+")
+        except PermissionError:
+            # another user made the file; a lock needs no write access
+            handle = open(self.path)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise LogsBusy(
+                f"{holder} is reading logs into this database; stop it first"
+            ) from None
+        if handle.writable():
+            handle.truncate(0)
+            handle.write(f"{self.role} (pid {os.getpid()})\n")
+            handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self):
+        """Let another process read."""
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *_exc):
+        self.release()
+
+
+def decoder_for(path, state):
+    """The line decoder of a log: JSON lines for `*.jsonl`, else the mail-log one."""
+    if path.endswith(".jsonl"):
+        try:
+            from appliance.sources.jsonlines import JsonLinesDecoder
+        except ImportError:
+            log.warning("%s: no JSON-lines decoder; reading it as a mail log", path)
+        else:
+            return JsonLinesDecoder.restore(state)
+    return Correlator.restore(state)
 
 
 class Source:
-    """One followed log file with its own correlator."""
+    """One log and its rotated files, read in order by one decoder.
 
-    def __init__(self, path):
+    With `files` (oldest first) it catches up on exactly those files;
+    without, it follows the path like `tail -F`.
+    """
+
+    def __init__(self, path, files=None):
         self.path = str(path)
         saved = SourcePosition.get_or_none(SourcePosition.path == self.path)
         state = json.loads(saved.state) if saved else {}
+        self.known = self._files_read()
         self.file = LogFile(
             self.path,
             inode=saved.inode if saved else 0,
             offset=saved.offset if saved else 0,
             head=state.get("head", ""),
+            known=self.known,
+            files=files,
         )
-        self.correlator = Correlator.restore(state.get("correlator", {}))
-        self.counted_lines = self.correlator.lines
-        self.counted_skipped = self.correlator.skipped
+        decoder_state = state.get("decoder", state.get("correlator", {}))
+        self.decoder = decoder_for(self.path, decoder_state)
+        self.counted_lines = self.decoder.lines
+        self.counted_skipped = self.decoder.skipped
+
+    def _files_read(self):
+        """The (fingerprint, offset) of files read before, oldest first."""
+        saved = SourcePosition.get_or_none(
+            SourcePosition.path == FILES_READ + self.path
+        )
+        return json.loads(saved.state) if saved else []
 
     def save(self):
-        """Write the position, correlator state and line counters (in a transaction)."""
-        inode, head = self.file.identity()
-        state = {"head": head, "correlator": self.correlator.dump()}
+        """Write the position, decoder state and line counters (in a transaction).
+
+        The files read before go to a row of their own, written when it changes.
+        """
+        inode, head, offset = self.file.position()
+        state = {"head": head, "decoder": self.decoder.dump()}
         SourcePosition.replace(
             path=self.path,
             inode=inode,
-            offset=self.file.offset,
+            offset=offset,
             state=json.dumps(state, separators=(",", ":")),
+            updated_at=time.time(),
         ).execute()
-        lines = self.correlator.lines - self.counted_lines
-        skipped = self.correlator.skipped - self.counted_skipped
+        if self.file.known != self.known:
+            self.known = [list(entry) for entry in self.file.known]
+            SourcePosition.replace(
+                path=FILES_READ + self.path,
+                inode=0,
+                offset=len(self.known),
+                state=json.dumps(self.known, separators=(",", ":")),
+                updated_at=time.time(),
+            ).execute()
+        lines = self.decoder.lines - self.counted_lines
+        skipped = self.decoder.skipped - self.counted_skipped
         SourceCounter.insert(path=self.path, lines=lines, skipped=skipped).on_conflict(
             conflict_target=[SourceCounter.path],
             update={
@@ -61,12 +159,16 @@ class Source:
                 SourceCounter.skipped: SourceCounter.skipped + skipped,
             },
         ).execute()
-        self.counted_lines = self.correlator.lines
-        self.counted_skipped = self.correlator.skipped
+        self.counted_lines = self.decoder.lines
+        self.counted_skipped = self.decoder.skipped
+
+    def close(self):
+        """Close the file being read."""
+        self.file.close()
 
 
 class Pipeline:
-    """Feeds sources' lines through their correlators into the profiler."""
+    """Feeds sources' lines through their decoders into the profiler."""
 
     def __init__(self, profiler):
         self.profiler = profiler
@@ -79,44 +181,126 @@ class Pipeline:
 
         with db.atomic():
             for text, _offset in lines:
-                for event in source.correlator.feed(text):
+                for event in source.decoder.feed(text):
                     self.profiler.process(event)
             self.profiler.flush()
             source.save()
         return len(lines)
 
 
-def read_files(settings, paths, progress=False):
-    """Catch up on files to their end; returns what was read and decided."""
-    profiler = Profiler(settings)
-    profiler.load()
-    pipeline = Pipeline(profiler)
-    blocks_before = Block.select().count()
-    lines = skipped = 0
+class LinesProgress:
+    """A terminal progress bar in lines per second, its total estimated from bytes."""
 
+    def __init__(self, label, enabled):
+        self.bar = tqdm(desc=label, unit=" lines", unit_scale=True, disable=not enabled)
+
+    def advance(self, lines, bytes_read, bytes_left, reading=()):
+        """Count lines read; re-estimate the total lines from the bytes still left."""
+        if self.bar.disable:
+            return
+        self.bar.update(lines)
+        if bytes_read:
+            self.bar.total = self.bar.n + int(bytes_left * self.bar.n / bytes_read)
+        for path in reading:
+            self.bar.set_postfix_str(os.path.basename(path), refresh=False)
+        self.bar.refresh()
+
+    def close(self):
+        """Leave the bar's last state on the terminal."""
+        if not self.bar.disable:
+            self.bar.total = self.bar.n
+            self.bar.refresh()
+        self.bar.close()
+
+
+def rotation_order(paths):
+    """Files grouped by the log they were rotated from, each group oldest first."""
+    groups = {}
     for path in paths:
-        if not os.path.isfile(path):
+        files = groups.setdefault(rotation_of(path)[0], [])
+        if path not in files:
+            files.append(path)
+    for files in groups.values():
+        files.sort(key=lambda path: rotation_of(path)[1])
+    return groups
+
+
+def read_files(settings, paths, progress=False):
+    """Catch up on log files, rotated ones oldest first; returns what was done.
+
+    Files rotated from one log (`mail.log.2.gz`, `mail.log.1`, `mail.log`)
+    are one source, read in age order whatever order they are given in;
+    content read before, under this name or another, is not read again.
+    """
+    files = []
+    for path in paths:
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise FileNotFoundError(f"{path} is not a readable file")
-        source = Source(path)
-        first_lines, first_skipped = source.counted_lines, source.counted_skipped
-        total = source.file.size()
-        with tqdm(
-            total=total,
-            initial=source.file.offset,
-            unit="B",
-            unit_scale=True,
-            desc=str(path),
-            disable=not progress,
-        ) as bar:
-            while pipeline.step(source):
-                bar.update(source.file.offset - bar.n)
-        lines += source.correlator.lines - first_lines
-        skipped += source.correlator.skipped - first_skipped
-        source.file.close()
+        files.append(os.path.abspath(path))
+
+    with ReaderLock(settings, "sender-filter ingest"):
+        profiler = Profiler(settings)
+        profiler.load()
+        pipeline = Pipeline(profiler)
+        blocks_before = Block.select().count()
+        sources = [
+            catch_up(pipeline, Source(path, files=group), progress)
+            for path, group in rotation_order(files).items()
+        ]
 
     return {
-        "lines": lines,
-        "skipped": skipped,
+        "lines": sum(s["lines"] for s in sources),
+        "skipped": sum(s["skipped"] for s in sources),
+        "sources": sources,
         "blocks": Block.select().count() - blocks_before,
         "entries": SuspiciousEntry.select().count(),
     }
+
+
+def catch_up(pipeline, source, progress):
+    """Read one source's queued files to their end; returns its counts."""
+    first_lines, first_skipped = source.counted_lines, source.counted_skipped
+    files = source.file.queued()
+    bar = LinesProgress(source.path, progress)
+    try:
+        while read := pipeline.step(source):
+            bar.advance(read, *source.file.progress(), source.file.queued()[:1])
+    finally:
+        bar.close()
+        source.close()
+    return {
+        "path": source.path,
+        "files": files,
+        "lines": source.decoder.lines - first_lines,
+        "skipped": source.decoder.skipped - first_skipped,
+    }
+
+
+def source_status():
+    """Per source: lines read and not understood, and where reading stands."""
+    positions = {p.path: p for p in SourcePosition.select()}
+    status = []
+    for counter in SourceCounter.select().order_by(SourceCounter.path):
+        position = positions.get(counter.path)
+        status.append(
+            {
+                "path": counter.path,
+                "lines": counter.lines,
+                "skipped": counter.skipped,
+                "offset": position.offset if position else 0,
+                "behind": _bytes_behind(counter.path, position),
+                "updated_at": position.updated_at if position else None,
+            }
+        )
+    return status
+
+
+def _bytes_behind(path, position):
+    """Bytes of the log file at `path` not read yet; None when it is another file."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    if position is None or status.st_ino != position.inode:
+        return None
+    return max(0, status.st_size - position.offset)
