@@ -24,8 +24,9 @@ def main(argv=None):
     """Entry point: parse, run one subcommand, turn errors into one line."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet = logging.INFO if args.command in ("run", "web") else logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else quiet,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
@@ -61,13 +62,37 @@ def emit(result, as_json):
         print(text)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with bad usage reported in one line."""
+
+    def error(self, message):
+        """Print one line naming the command, and exit with status 2."""
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def common_options(default):
+    """--config, --json and -v, taken before or after the subcommand."""
+    common = Parser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=default(None),
+        help="config file (default: $SENDER_FILTER_CONFIG, "
+        "/etc/sender-filter/config.toml, ./var/config.toml)",
+    )
+    common.add_argument("--json", action="store_true", default=default(False))
+    common.add_argument("-v", "--verbose", action="store_true", default=default(False))
+    return common
+
+
 def build_parser():
     """Every subcommand with its options."""
-    parser = argparse.ArgumentParser(prog="sender-filter", description=__doc__)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="config file (see SPEC §10 for the default)")
-    common.add_argument("--json", action="store_true", help="print JSON")
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = Parser(
+        prog="sender-filter",
+        description=__doc__,
+        parents=[common_options(lambda value: value)],
+    )
+    # after the subcommand, an option left out must not undo one given before it
+    common = common_options(lambda _value: argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name, handler, text):
@@ -111,6 +136,9 @@ def build_parser():
     admin = command("admin", cmd_admin, "administrators")
     admin.add_argument("action", choices=["add"])
     admin.add_argument("name")
+    token = command("token", cmd_token, "API tokens for /api/v1/")
+    token.add_argument("action", choices=["add", "revoke", "list"])
+    token.add_argument("name", nargs="?", default="")
     return parser
 
 
@@ -307,6 +335,38 @@ def cmd_admin(settings, args):
         {"admin": args.name, "password": password},
         f"administrator {args.name} added; password: {password}",
     )
+
+
+def cmd_token(settings, args):
+    """Add, revoke or list API tokens; a new token is printed only once."""
+    from appliance import api_tokens
+
+    if args.action == "list":
+        rows = [
+            {
+                "name": t.name,
+                "created_at": iso(t.created_at),
+                "last_used": iso(t.last_used),
+            }
+            for t in api_tokens.list_tokens()
+        ]
+        text = "\n".join(
+            f"{r['name']:<24} {r['created_at']}  used {r['last_used'] or 'never'}"
+            for r in rows
+        )
+        return rows, text or "no API tokens"
+    if not args.name:
+        raise UsageError(f"token {args.action} needs a NAME")
+
+    try:
+        if args.action == "add":
+            token = api_tokens.create_token(args.name, actor="cli")
+            text = f"API token {args.name}: {token}  (shown once; keep it)"
+            return {"name": args.name, "token": token}, text
+        api_tokens.revoke_token(args.name, actor="cli")
+    except api_tokens.TokenError as exc:
+        raise UsageError(str(exc)) from exc
+    return {"revoked": args.name}, f"API token {args.name} revoked"
 
 
 if __name__ == "__main__":

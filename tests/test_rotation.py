@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from appliance.daemon import Watcher
+from appliance.sources.watch import Watcher
 from appliance.sources.follow import LogFile
 
 LINE = (
