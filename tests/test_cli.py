@@ -127,3 +127,22 @@ def test_ingest_of_a_missing_file_is_one_line(run):
     assert err.strip() == (
         "sender-filter ingest: /nonexistent/mail.log is not a readable file"
     )
+
+
+def test_options_may_come_before_the_subcommand(tmp_path, capsys):
+    config_path = write_config(tmp_path)
+    assert cli.main(["--config", str(config_path), "init"]) == 0
+    capsys.readouterr()
+
+    assert cli.main(["--json", "--config", str(config_path), "blocks"]) == 0
+
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_usage_errors_are_one_line(run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["suspicious", "--limit", "abc"])
+
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid int value: 'abc'" in err

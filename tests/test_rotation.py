@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from appliance.sources.watch import Watcher
 from appliance.sources.follow import LogFile
+from appliance.sources.watch import Watcher
 
 LINE = (
     "2026-12-04T10:{m:02d}:{s:02d}.{us:06d}+00:00 mx1 postfix/smtpd[{n}]: "

@@ -19,6 +19,7 @@ from conftest import require
 
 from appliance import addresses
 from appliance import service
+from appliance.models import ApplianceState
 from appliance.models import Block
 from appliance.models import Rule
 from appliance.models import SuspiciousEntry
@@ -692,3 +693,23 @@ def test_silent_nameserver_never_stalls_the_page(make_settings):
     assert elapsed < 1.5
     domains = re.findall(r'<td class="domain">([^<]*)</td>', page_text(response))
     assert domains == ["(timed out)"] * 100
+
+
+@pytest.mark.parametrize(
+    ("backend", "age", "notice"),
+    [
+        ("dry-run", 0, "Enforcement is DRY-RUN"),
+        ("kernel", 0, None),
+        ("kernel", 120, "The daemon is not running"),
+    ],
+)
+def test_banner_says_when_blocks_are_not_enforced(client, backend, age, notice):
+    service.publish_state(enforcement=backend, heartbeat=0)
+    ApplianceState.update(updated_at=time.time() - age).execute()
+
+    text = client.get("/blocks").text
+
+    if notice:
+        assert notice in text
+    else:
+        assert 'class="notice"' not in text
