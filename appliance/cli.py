@@ -9,6 +9,7 @@ import sys
 from appliance import config
 from appliance import models
 from appliance import service
+from appliance.queries import status_now
 from appliance.timefmt import format_duration
 from appliance.timefmt import iso
 from appliance.timefmt import parse_duration
@@ -220,6 +221,7 @@ def cmd_status(settings, args):
 def cmd_suspicious(settings, args):
     """The Suspicious IP log, newest first."""
     from appliance.queries import SuspiciousQuery
+    from appliance.queries import active_blocks_for
 
     query, errors = SuspiciousQuery.from_args(
         {
@@ -232,7 +234,9 @@ def cmd_suspicious(settings, args):
     )
     if errors:
         raise UsageError("; ".join(f"{field}: {msg}" for field, msg in errors.items()))
-    rows = [entry_json(e) for e in query.rows(limit=args.limit)]
+    entries = query.rows(limit=args.limit)
+    blocks = active_blocks_for(entries, settings.widest_v4, settings.widest_v6)
+    rows = [entry_json(e, blocks.get(e.id)) for e in entries]
     text = "\n".join(
         f"{r['last_seen']}  {r['type']:<6} {r['ip']:<24} "
         f"{r['violations']:>5}/{r['messages']:<5} {r['rate']:>6.2f}%  {r['status']}"
@@ -241,8 +245,8 @@ def cmd_suspicious(settings, args):
     return rows, text or "no entries"
 
 
-def entry_json(entry):
-    """A suspicious entry as JSON."""
+def entry_json(entry, block):
+    """A suspicious entry as JSON, with its status as of now."""
     return {
         "ip": entry.sender,
         "type": entry.threat_type,
@@ -251,8 +255,8 @@ def entry_json(entry):
         "violations": entry.violations,
         "messages": entry.messages,
         "rate": entry.rate,
-        "status": entry.status,
-        "block": entry.block_id,
+        "status": status_now(entry, block),
+        "block": block.id if block else entry.block_id,
     }
 
 

@@ -276,6 +276,15 @@ def active_blocks_for(rows, widest_v4=16, widest_v6=32, now=None):
     return found
 
 
+def status_now(entry, block):
+    """An entry's status as of now: blocked, block ended, or what it recorded."""
+    if block is not None:
+        return "blocked"
+    if entry.status == "blocked":
+        return "block ended"
+    return entry.status
+
+
 def _block_over(sender, widest, now):
     """The active block covering one sender network, if any."""
     try:

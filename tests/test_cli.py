@@ -4,9 +4,11 @@ import json
 
 import pytest
 
+from appliance import addresses
 from appliance import cli
 from appliance.models import AuditEntry
 from appliance.models import Block
+from appliance.models import SuspiciousEntry
 from tests.conftest import write_config
 
 
@@ -146,3 +148,26 @@ def test_usage_errors_are_one_line(run, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid int value: 'abc'" in err
+
+
+def test_suspicious_shows_the_status_as_of_now(run):
+    SuspiciousEntry.create(
+        sender="198.51.100.8",
+        sender_key=addresses.key_of(addresses.parse_ip("198.51.100.8")),
+        threat_type="spam",
+        first_seen=1_780_000_000.0,
+        last_seen=1_780_000_060.0,
+        violations=3,
+        messages=4,
+        rate=75.0,
+    )
+
+    def shown():
+        rows = json.loads(run("suspicious", "--json")[1])
+        return [(r["ip"], r["status"]) for r in rows]
+
+    assert shown() == [("198.51.100.8", "suspicious")]
+    run("block", "198.51.100.0/24", "--permanent")
+    assert shown() == [("198.51.100.8", "blocked")]
+    run("unblock", "198.51.100.0/24")
+    assert shown() == [("198.51.100.8", "block ended")]
