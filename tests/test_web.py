@@ -18,6 +18,7 @@ import pytest
 from conftest import require
 
 from appliance import addresses
+from appliance import cli
 from appliance import service
 from appliance.models import ApplianceState
 from appliance.models import Block
@@ -713,3 +714,17 @@ def test_banner_says_when_blocks_are_not_enforced(client, backend, age, notice):
         assert notice in text
     else:
         assert 'class="notice"' not in text
+
+
+def test_log_sources_page_counts_lines_not_understood(client, settings, tmp_path):
+    log_path = tmp_path / "mail.log"
+    log_path.write_text(
+        "Dec  4 10:00:00 mx1 postfix/smtpd[1]: connect from unknown[192.0.2.9]\n"
+        "this is not a mail log line\n"
+    )
+    assert cli.main(["ingest", "--config", str(settings.path), str(log_path)]) == 0
+
+    text = page_text(client.get("/sources"))
+
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", text)
+    assert cells[:4] == [str(log_path), "2", "1", "0"]

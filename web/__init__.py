@@ -21,6 +21,7 @@ from appliance.timefmt import format_duration
 from web import api
 from web import auth
 from web import blocks
+from web import sources
 from web import suspicious
 from web.dns import PtrLookup
 
@@ -55,6 +56,7 @@ def create_app(settings, test_config=None):
     app.register_blueprint(auth.bp)
     app.register_blueprint(suspicious.bp)
     app.register_blueprint(blocks.bp)
+    app.register_blueprint(sources.bp)
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)
     app.register_error_handler(CSRFError, form_expired)
