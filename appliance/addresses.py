@@ -103,6 +103,8 @@ def not_a_sender(network):
         return "is the broadcast address"
     if first.is_link_local:
         return "is link-local"
+    if network.version == 4 and first.is_reserved:
+        return "is reserved (240.0.0.0/4)"
     return ""
 
 

@@ -5,6 +5,7 @@ import json
 import logging
 import secrets
 import sys
+import zlib
 
 from appliance import config
 from appliance import models
@@ -42,6 +43,13 @@ def main(argv=None):
         result = args.handler(settings, args)
     except (config.ConfigError, UsageError, service.Refused, OSError) as exc:
         print(f"sender-filter {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except (EOFError, zlib.error) as exc:
+        print(
+            f"sender-filter {args.command}: a compressed log is cut short or damaged "
+            f"({exc})",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -8,8 +8,11 @@ from dataclasses import fields
 from dataclasses import replace
 from pathlib import Path
 
+from appliance import addresses
+
 DEFAULT_PATHS = ("/etc/sender-filter/config.toml", "var/config.toml")
 THREAT_TYPES = ("spam", "virus", "dha", "bounce")
+SECTIONS = {"database", "logs", "network", "enforcement", "web", "dns", "rules"}
 ACTIONS = ("temporary", "permanent", "monitor")
 
 
@@ -97,6 +100,14 @@ def from_mapping(raw, path):
         value = Path(value)
         return value if value.is_absolute() else base / value
 
+    unknown = set(raw) - SECTIONS
+    if unknown:
+        raise ConfigError(f"unknown section [{sorted(unknown)[0]}]")
+    unknown = set(raw.get("rules", {})) - set(THREAT_TYPES)
+    if unknown:
+        raise ConfigError(
+            f"[rules.{sorted(unknown)[0]}]: threat types are {', '.join(THREAT_TYPES)}"
+        )
     database = raw.get("database", {})
     logs = raw.get("logs", {})
     network = raw.get("network", {})
@@ -104,6 +115,29 @@ def from_mapping(raw, path):
     web = raw.get("web", {})
     dns = raw.get("dns", {})
     ports = enforcement.get("ports", [25, 465, 587])
+    if ports != "all" and not (
+        _texts_or_ints(ports, int) and all(1 <= p <= 65535 for p in ports)
+    ):
+        raise ConfigError('enforcement.ports is a list of ports 1-65535, or "all"')
+    for key, section in (
+        ("logs.files", logs.get("files", [])),
+        ("network.own_addresses", network.get("own_addresses", [])),
+        ("dns.nameservers", dns.get("nameservers", [])),
+    ):
+        if not _texts_or_ints(section, str):
+            raise ConfigError(f"{key} is a list of strings")
+    for address in network.get("own_addresses", []):
+        try:
+            addresses.parse_network(address)
+        except addresses.AddressError as exc:
+            raise ConfigError(f"network.own_addresses: {exc}") from exc
+    timeout = dns.get("timeout", 1.0)
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not (0 < timeout <= 30)
+    ):
+        raise ConfigError("dns.timeout is a number of seconds from 0 to 30")
 
     settings = Settings(
         path=path,
@@ -142,6 +176,15 @@ def _rule(raw, threat_type):
     if unknown:
         raise ConfigError(f"rules.{threat_type}: unknown key {sorted(unknown)[0]}")
     rule = replace(RuleDefaults(), **raw)
+    numbers = ("window", "rate", "messages", "duration", "recipients")
+    for name in (*numbers, "unknown_recipients"):
+        value = getattr(rule, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"rules.{threat_type}.{name} is a number, 0 or more")
+    if rule.rate > 100:
+        raise ConfigError(f"rules.{threat_type}.rate is a percentage, 0 to 100")
+    if not isinstance(rule.enabled, bool):
+        raise ConfigError(f"rules.{threat_type}.enabled is true or false")
     if rule.action not in ACTIONS:
         raise ConfigError(f"rules.{threat_type}.action must be one of {ACTIONS}")
     if not 0 < rule.duration <= 30 * 86400:
@@ -151,10 +194,21 @@ def _rule(raw, threat_type):
     return rule
 
 
+def _texts_or_ints(value, kind):
+    """Whether a setting is a list whose items are all of one kind (not bool)."""
+    return isinstance(value, list) and all(
+        isinstance(item, kind) and not isinstance(item, bool) for item in value
+    )
+
+
 def _int(section, key, default, low, high):
     """An integer setting within [low, high]."""
     value = section.get(key, default)
-    if not isinstance(value, int) or not low <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not low <= value <= high
+    ):
         raise ConfigError(f"{key} must be an integer from {low} to {high}")
     return value
 

@@ -1,6 +1,7 @@
 """The daemon: follow the logs, profile, lift blocks on time, make the kernel follow."""
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -36,7 +37,8 @@ class Daemon:
         self.pipeline = None
         self.sources = []
         # the mail logs, and the spool POST /api/v1/events writes to
-        self.followed = [*settings.log_files, str(spool_path(settings))]
+        followed = [*settings.log_files, str(spool_path(settings))]
+        self.followed = list(dict.fromkeys(os.path.realpath(p) for p in followed))
         self.watcher = Watcher(self.followed)
         self.expiry = BlockExpiry(on_lift=self._lifted)
         self.wake = threading.Event()

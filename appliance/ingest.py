@@ -230,13 +230,15 @@ def read_files(settings, paths, progress=False):
 
     Files rotated from one log (`mail.log.2.gz`, `mail.log.1`, `mail.log`)
     are one source, read in age order whatever order they are given in;
-    content read before, under this name or another, is not read again.
+    content read before under this path (or a symlink to it, or rotated from
+    it) is not read again.
     """
     files = []
     for path in paths:
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise FileNotFoundError(f"{path} is not a readable file")
-        files.append(os.path.abspath(path))
+        # a symlink or another spelling of the same path is the same source
+        files.append(os.path.realpath(path))
 
     with ReaderLock(settings, "sender-filter ingest"):
         profiler = Profiler(settings)

@@ -395,13 +395,13 @@ def follow(path, rng, rate):
     senders = make_senders(rng, 0.5)
     writer = Writer(rng)
     weights = [3.0 if s.kind == "clean" else 1.0 for s in senders]
-    with open(path, "a", buffering=1) as handle:
-        while True:
-            sender = rng.choices(senders, weights)[0]
-            tx = _transaction(rng, sender, int(time.time()))
-            for line in writer.lines(sender, tx):
-                handle.write(line + "\n")
-            time.sleep(rng.expovariate(rate))
+    while True:
+        sender = rng.choices(senders, weights)[0]
+        tx = _transaction(rng, sender, int(time.time()))
+        # reopened for every message, so a rotated log gets the new lines
+        with open(path, "a") as handle:
+            handle.write("".join(line + "\n" for line in writer.lines(sender, tx)))
+        time.sleep(rng.expovariate(rate))
 
 
 def main(argv=None):

@@ -148,7 +148,7 @@ class SuspiciousQuery:
 
         page = _text(args, "page")
         if page:
-            if page.isascii() and page.isdigit() and 1 <= int(page) <= 10**9:
+            if page.isascii() and page.isdigit() and len(page) <= 9 and int(page) >= 1:
                 values["page"] = int(page)
             else:
                 errors["page"] = "the page is a whole number from 1"

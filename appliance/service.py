@@ -123,14 +123,15 @@ def block_network(network, *, threat_type, duration, actor, reason, now=None):
     now = time.time() if now is None else now
     if duration is not None and not 0 < duration <= MAX_DURATION:
         raise Refused("a temporary block lasts from 1 second to 30 days")
-    _guard.check(network)
     target = addresses.sender_text(network)
-    existing = active_block(network, now)
-    if existing is not None:
-        raise AlreadyBlocked(existing)
 
     first, last = addresses.key_range(network)
+    # checked and written in one write transaction: concurrent commands queue
     with db.atomic():
+        _guard.check(network)
+        existing = active_block(network, now)
+        if existing is not None:
+            raise AlreadyBlocked(existing)
         block = Block.create(
             target=target,
             key_first=first,
@@ -245,11 +246,10 @@ def approve(text, *, actor, note=""):
     widest = _guard.widest[network.version]
     if network.prefixlen < widest:
         raise Refused(f"{target} is wider than /{widest}, the widest range to approve")
-    if ApprovedHost.get_or_none(ApprovedHost.target == target) is not None:
-        raise Refused(f"{target} is already approved")
-
     first, last = addresses.key_range(network)
     with db.atomic():
+        if ApprovedHost.get_or_none(ApprovedHost.target == target) is not None:
+            raise Refused(f"{target} is already approved")
         ApprovedHost.create(
             target=target, key_first=first, key_last=last, created_by=actor, note=note
         )

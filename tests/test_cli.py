@@ -1,6 +1,8 @@
 """The sender-filter command: lists, one-line refusals, JSON output."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -171,3 +173,53 @@ def test_suspicious_shows_the_status_as_of_now(run):
     assert shown() == [("198.51.100.8", "blocked")]
     run("unblock", "198.51.100.0/24")
     assert shown() == [("198.51.100.8", "block ended")]
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ('[logs]\nfiles = "mail.log"\n', "logs.files is a list of strings"),
+        ('[network]\nown_addresses = ["zzz"]\n', "network.own_addresses: 'zzz'"),
+        ("[rules.spam]\nrate = 500\n", "rules.spam.rate is a percentage"),
+        ("[rules.dha]\nmessages = -5\n", "rules.dha.messages is a number, 0 or more"),
+        ("[rules.worm]\nrate = 5\n", "[rules.worm]: threat types are"),
+        ("[dns]\ntimeout = -1\n", "dns.timeout is a number of seconds"),
+        ("[nonsense]\n", "unknown section [nonsense]"),
+    ],
+)
+def test_bad_config_values_are_one_line(tmp_path, capsys, extra, reason):
+    config_path = write_config(tmp_path, extra)
+
+    assert cli.main(["init", "--config", str(config_path)]) == 2
+
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and reason in err
+
+
+def test_enforcement_ports_are_checked(tmp_path, capsys):
+    config_path = write_config(tmp_path, "ports = [0, 70000]\n")
+
+    assert cli.main(["init", "--config", str(config_path)]) == 2
+
+    assert "enforcement.ports is a list of ports 1-65535" in capsys.readouterr().err
+
+
+def test_concurrent_blocks_of_one_address_make_one_block(tmp_path):
+    config_path = write_config(tmp_path)
+    assert cli.main(["init", "--config", str(config_path)]) == 0
+    argv = [sys.executable, "-m", "appliance.cli", "--config", str(config_path)]
+
+    racers = [
+        subprocess.Popen(
+            [*argv, "block", "203.0.113.50", "--for", "1h"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    refusals = [racer.communicate(timeout=60)[1] for racer in racers]
+
+    assert sorted(racer.returncode for racer in racers) == [0] + [2] * 7
+    assert sum("203.0.113.50 is already blocked" in err for err in refusals) == 7
+    assert Block.select().where(Block.target == "203.0.113.50").count() == 1

@@ -680,3 +680,12 @@ def test_posted_spam_crosses_the_rule_and_blocks(make_settings, tmp_path):
     assert (block.target, block.threat_type) == (SENDER, "spam")
     assert block.created_at == NOON + 4 * 60
     assert SuspiciousEntry.get().status == "blocked"
+
+
+def test_a_time_too_large_for_a_float_is_skipped_not_fatal():
+    decoder = JsonLinesDecoder.restore({})
+    line = '{"time": 1' + "0" * 400 + ', "ip": "198.51.100.9", "message": true}'
+
+    assert decoder.feed(line) == []
+
+    assert (decoder.lines, decoder.skipped) == (1, 1)

@@ -349,3 +349,17 @@ def test_rotation_names_sort_oldest_first_whatever_the_order_given():
         "/l/mail.err": ["/l/mail.err"],
         "/l/syslog": ["/l/syslog-20261130.gz", "/l/syslog-20261201.gz"],
     }
+
+
+def test_a_symlink_to_a_log_already_read_reads_nothing(make_settings, tmp_path):
+    from appliance.ingest import read_files
+
+    settings = make_settings()
+    log_path = tmp_path / "mail.log"
+    log_path.write_text(LINE.format(n=1) + LINE.format(n=2))
+    (tmp_path / "other.log").symlink_to(log_path)
+
+    first = read_files(settings, [str(log_path)])
+    again = read_files(settings, [str(tmp_path / "other.log")])
+
+    assert (first["lines"], again["lines"]) == (2, 0)

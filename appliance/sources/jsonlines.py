@@ -140,7 +140,10 @@ def _time(reported, now):
         except ValueError as exc:
             raise EventError(f"time {value!r} is not a real time ({exc})") from exc
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        ts = float(value)
+        try:
+            ts = float(value)
+        except OverflowError as exc:
+            raise EventError("time is far too large a number") from exc
         if not math.isfinite(ts):
             raise EventError("time is not a finite number")
     else:
@@ -274,7 +277,7 @@ class JsonLinesDecoder:
             if len(text) > MAX_LINE:
                 raise EventError(f"line longer than {MAX_LINE} characters")
             event = parse_event(loads_strict(text), self.now())
-        except (ValueError, RecursionError) as exc:
+        except (ValueError, RecursionError, OverflowError) as exc:
             self.skipped += 1
             log.debug("JSON-lines event skipped (%s): %r", exc, text[:200])
             return []
