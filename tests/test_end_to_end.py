@@ -1,4 +1,4 @@
-"""The whole job with real parts: Postfix log in → Suspicious IP page → kernel block.
+"""The whole job with real parts: Postfix log → Suspicious IP page → kernel block.
 
 A lab of network namespaces: Debian's Postfix in an "mx" namespace logging to a
 file, `sender-filter run` in the same namespace following that file and

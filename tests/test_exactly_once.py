@@ -27,21 +27,9 @@ import pytest
 from appliance import config
 from appliance import loggen
 from tests.conftest import write_config
+from tests.test_ground_truth import RULES_TOML
 
 SEED = 20261204
-RULES_TOML = """
-[rules.spam]
-messages = 20
-[rules.virus]
-messages = 20
-action = "permanent"
-[rules.dha]
-messages = 20
-duration = 7200
-[rules.bounce]
-messages = 20
-duration = 1800
-"""
 LOGS_TOML = '[logs]\nfiles = ["mail.log"]\n'
 WAIT = 60.0
 LAST_EXPIRY = 14
