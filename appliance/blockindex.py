@@ -13,6 +13,8 @@ class BlockIndex:
     def __init__(self, parse):
         self.parse = parse
         self.spans = {}
+        # by (version, prefix length, network address as an int): cheaper to
+        # hash and to build for a supernet than ipaddress network objects
         self.by_network = {}
         self.prefixes = set()
         self.seen = 0.0
@@ -39,8 +41,9 @@ class BlockIndex:
         """Index one block."""
         network = self.parse(block.target)
         until = block.expires_at if block.expires_at is not None else FOREVER
-        self.spans[block.id] = (network, block.created_at, until)
-        self.by_network.setdefault(network, set()).add(block.id)
+        key = _key(network)
+        self.spans[block.id] = (key, block.created_at, until)
+        self.by_network.setdefault(key, set()).add(block.id)
         self.prefixes.add((network.version, network.prefixlen))
 
     def discard(self, block_id):
@@ -51,16 +54,20 @@ class BlockIndex:
 
     def covering(self, network, at):
         """The id of a block over all of `network` at event time `at`, or None."""
+        first = int(network.network_address)
         for version, prefixlen in self.prefixes:
             if version != network.version or prefixlen > network.prefixlen:
                 continue
-            outer = (
-                network
-                if prefixlen == network.prefixlen
-                else network.supernet(new_prefix=prefixlen)
-            )
+            # the supernet of `network` with this prefix length
+            outer = (version, prefixlen, first >> (network.max_prefixlen - prefixlen))
             for block_id in self.by_network.get(outer, ()):
-                _network, created_at, until = self.spans[block_id]
+                _key, created_at, until = self.spans[block_id]
                 if created_at <= at < until:
                     return block_id
         return None
+
+
+def _key(network):
+    """A network's key in BlockIndex.by_network."""
+    bits = network.max_prefixlen - network.prefixlen
+    return (network.version, network.prefixlen, int(network.network_address) >> bits)

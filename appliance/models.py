@@ -45,7 +45,8 @@ class Rule(BaseModel):
 class WindowEvent(BaseModel):
     """One counted event, kept for the longest window so restarts rebuild it."""
 
-    sender = CharField(index=True)
+    # written for every event and read only by time: no index on sender
+    sender = CharField()
     ts = FloatField(index=True)
     message = IntegerField()
     violations = CharField()
@@ -104,6 +105,8 @@ class SuspiciousEntry(BaseModel):
             (("messages", "last_seen"), False),
             (("status", "last_seen"), False),
             (("sender", "threat_type", "open"), False),
+            # a new block marks the unblocked entries in its key range
+            (("status", "sender_key"), False),
         )
 
 

@@ -5,6 +5,7 @@ yesterday's log gives the decisions that following it live would have.
 """
 
 import logging
+from dataclasses import dataclass
 
 from appliance import addresses
 from appliance import service
@@ -17,65 +18,192 @@ from appliance.models import db
 
 log = logging.getLogger(__name__)
 
+NUMBER = {threat_type: n for n, threat_type in enumerate(THREAT_TYPES)}
 BIT = {threat_type: 1 << n for n, threat_type in enumerate(THREAT_TYPES)}
+# the threat type numbers a violation mask names, for every mask
+TYPES_IN = [
+    tuple(n for n in range(len(THREAT_TYPES)) if mask >> n & 1)
+    for mask in range(1 << len(THREAT_TYPES))
+]
 SWEEP_EVERY = 60.0
 SENDER_CACHE = 500_000
 
 
+class WindowGroups:
+    """The rule windows, as groups of threat types that share one window.
+
+    Types with equal windows always drop the same events, so a history counts
+    each group once. `swept_to` is the event time of the last sweep, which
+    histories catch up on when next used.
+    """
+
+    def __init__(self, windows):
+        self.groups = [(None, list(range(len(THREAT_TYPES))))]
+        self.sweeps = 0
+        self.swept_to = 0.0
+        self.split(windows)
+
+    def split(self, windows):
+        """Take new windows; returns, per new group, the old group it comes from.
+
+        A group whose types now have different windows splits; groups never
+        merge, since their histories may have dropped different events.
+        """
+        self.windows = dict(windows)
+        groups = {}
+        for parent, (_window, numbers) in enumerate(self.groups):
+            for number in numbers:
+                window = self.windows[THREAT_TYPES[number]]
+                groups.setdefault((parent, window), []).append(number)
+        self.groups = [(window, numbers) for (_, window), numbers in groups.items()]
+        self.group_of = {
+            THREAT_TYPES[number]: group
+            for group, (_window, numbers) in enumerate(self.groups)
+            for number in numbers
+        }
+        return [parent for parent, _window in groups]
+
+    def sweep(self, now):
+        """Record a sweep to event time `now`."""
+        self.sweeps += 1
+        self.swept_to = now
+
+
+# a history's counts for one window group: STRIDE numbers, at these offsets
+HEAD = 0  # index in the history's events of the oldest one the group counts
+MESSAGES = 1
+RECIPIENTS = 2
+UNKNOWN = 3
+VIOLATIONS = 4  # then one count per threat type, in THREAT_TYPES order
+STRIDE = VIOLATIONS + len(THREAT_TYPES)
+
+
 class SenderHistory:
-    """One sender's recent events, with running sums per rule window."""
+    """One sender's recent events, with running counts per window group.
 
-    __slots__ = ("events", "base", "heads", "sums")
+    Events are (ts, message, mask, recipients, unknown) rows. `counts` holds
+    every group's counts in one flat list: there may be 100,000 histories.
+    """
 
-    def __init__(self):
+    __slots__ = ("events", "counts", "window_groups", "sweeps")
+
+    def __init__(self, window_groups):
         self.events = []
-        self.base = 0
-        self.heads = dict.fromkeys(THREAT_TYPES, 0)
-        self.sums = {t: [0, 0, 0, 0] for t in THREAT_TYPES}
+        self.counts = [0] * (STRIDE * len(window_groups.groups))
+        self.window_groups = window_groups
+        self.sweeps = window_groups.sweeps
 
-    def add(self, row, windows):
-        """Count one (ts, message, mask, recipients, unknown) row in every window."""
-        self.events.append(row)
-        ts, message, mask, recipients, unknown = row
-        for threat_type, window in windows.items():
-            sums = self.sums[threat_type]
-            sums[0] += message
-            sums[1] += 1 if mask & BIT[threat_type] else 0
-            sums[2] += recipients
-            sums[3] += unknown
-            self._trim(threat_type, ts - window)
-        self._compact()
+    def add(self, ts, message, mask, recipients, unknown):
+        """Count one event in every window group, then drop what fell out."""
+        if self.sweeps != self.window_groups.sweeps:
+            self.catch_up()
+        events = self.events
+        events.append((ts, message, mask, recipients, unknown))
+        counts = self.counts
+        at = 0
+        trimmed = False
+        for window, _numbers in self.window_groups.groups:
+            counts[at + MESSAGES] += message
+            counts[at + RECIPIENTS] += recipients
+            counts[at + UNKNOWN] += unknown
+            if mask:
+                for number in TYPES_IN[mask]:
+                    counts[at + VIOLATIONS + number] += 1
+            # usually the group's oldest event is still inside its window
+            if events[counts[at + HEAD]][0] <= ts - window:
+                self._trim(at, ts - window)
+                trimmed = True
+            at += STRIDE
+        if trimmed:
+            self._compact()
 
-    def _trim(self, threat_type, oldest):
-        """Drop from a type's sums the events at or before `oldest`."""
-        head = self.heads[threat_type]
-        sums = self.sums[threat_type]
-        bit = BIT[threat_type]
-        while head - self.base < len(self.events):
-            ts, message, mask, recipients, unknown = self.events[head - self.base]
+    def _trim(self, at, oldest):
+        """Drop from the group at `at` the events at or before `oldest`."""
+        counts = self.counts
+        events = self.events
+        head = counts[at + HEAD]
+        while head < len(events):
+            ts, message, mask, recipients, unknown = events[head]
             if ts > oldest:
                 break
-            sums[0] -= message
-            sums[1] -= 1 if mask & bit else 0
-            sums[2] -= recipients
-            sums[3] -= unknown
+            counts[at + MESSAGES] -= message
+            counts[at + RECIPIENTS] -= recipients
+            counts[at + UNKNOWN] -= unknown
+            if mask:
+                for number in TYPES_IN[mask]:
+                    counts[at + VIOLATIONS + number] -= 1
             head += 1
-        self.heads[threat_type] = head
+        counts[at + HEAD] = head
 
     def _compact(self):
-        """Forget events no window needs any more."""
-        first = min(self.heads.values())
-        drop = first - self.base
-        if drop and drop * 2 >= len(self.events):
-            del self.events[:drop]
-            self.base = first
+        """Forget events no window needs any more, once they are half the list."""
+        counts = self.counts
+        first = min(counts[HEAD::STRIDE])
+        if first and first * 2 >= len(self.events):
+            del self.events[:first]
+            for at in range(HEAD, len(counts), STRIDE):
+                counts[at] -= first
 
-    def expire(self, now, windows):
-        """Trim every window to `now`; True when nothing is left in any."""
-        for threat_type, window in windows.items():
-            self._trim(threat_type, now - window)
+    def catch_up(self):
+        """Apply the sweeps made since this history was last used.
+
+        No event was added since, so the last sweep's time alone drops what
+        all of them would have dropped.
+        """
+        swept_to = self.window_groups.swept_to
+        for group, (window, _numbers) in enumerate(self.window_groups.groups):
+            self._trim(group * STRIDE, swept_to - window)
         self._compact()
-        return min(self.heads.values()) - self.base >= len(self.events)
+        self.sweeps = self.window_groups.sweeps
+
+    def is_empty(self):
+        """Whether no window holds any event (after catching up on sweeps)."""
+        if self.sweeps != self.window_groups.sweeps:
+            self.catch_up()
+        return min(self.counts[HEAD::STRIDE]) >= len(self.events)
+
+    def regroup(self, parents):
+        """Follow a split of the window groups: each new group copies its parent."""
+        counts = []
+        for parent in parents:
+            counts += self.counts[parent * STRIDE : (parent + 1) * STRIDE]
+        self.counts = counts
+
+    def window_sums(self, threat_type):
+        """[messages, violations, recipients, unknown] in one type's window."""
+        if self.sweeps != self.window_groups.sweeps:
+            self.catch_up()
+        at = self.window_groups.group_of[threat_type] * STRIDE
+        counts = self.counts
+        return [
+            counts[at + MESSAGES],
+            counts[at + VIOLATIONS + NUMBER[threat_type]],
+            counts[at + RECIPIENTS],
+            counts[at + UNKNOWN],
+        ]
+
+    @property
+    def sums(self):
+        """Every type's window sums, by threat type."""
+        return {t: self.window_sums(t) for t in THREAT_TYPES}
+
+
+@dataclass(slots=True, eq=False)
+class Episode:
+    """The profiler's copy of an open SuspiciousEntry, written back at flush."""
+
+    sender: str
+    sender_key: str
+    threat_type: str
+    first_seen: float
+    last_seen: float
+    violations: int = 1
+    messages: int = 1
+    rate: float = 0.0
+    status: str = "suspicious"
+    open: bool = True
+    block_id: int | None = None
+    id: int | None = None
 
 
 def crosses(sums, rule):
@@ -92,13 +220,20 @@ def crosses(sums, rule):
 
 
 class Profiler:
-    """Counts events per sender and type, keeps episodes, and blocks."""
+    """Counts events per sender and type, keeps episodes, and blocks.
+
+    `history` holds the senders least recently counted first, so a sweep
+    finds the idle ones at its front. `episodes` maps a sender to its open
+    episodes by threat type; a sender without any has no key.
+    """
 
     def __init__(self, settings):
         self.settings = settings
         self.history = {}
         self.episodes = {}
         self.senders = {}
+        self.networks = {}
+        self.violation_forms = {}
         self.blocks = BlockIndex(addresses.parse_network)
         self.pending_rows = []
         self.dirty = {}
@@ -106,12 +241,29 @@ class Profiler:
         self.now = 0.0
         self.swept = 0.0
         self.blocks_made = 0
+        self.window_groups = None
         self.reload_rules()
 
     def reload_rules(self):
         """Read the rules from the database (the console may have changed them)."""
         self.rules = {rule.threat_type: rule for rule in Rule.select()}
         self.windows = {t: self.rules[t].window for t in THREAT_TYPES}
+        self.enabled_rules = [
+            (t, self.rules[t]) for t in THREAT_TYPES if self.rules[t].enabled
+        ]
+        if self.window_groups is None:
+            self.window_groups = WindowGroups(self.windows)
+        elif self.window_groups.windows != self.windows:
+            self._change_windows()
+
+    def _change_windows(self):
+        """New windows: histories first drop what the old ones would have."""
+        for history in self.history.values():
+            if history.sweeps != self.window_groups.sweeps:
+                history.catch_up()
+        parents = self.window_groups.split(self.windows)
+        for history in self.history.values():
+            history.regroup(parents)
 
     def load(self):
         """Rebuild windows and open episodes from the database after a start."""
@@ -135,11 +287,26 @@ class Profiler:
             unknown,
         ) in rows.iterator():
             mask = _mask(violations.split(",") if violations else ())
-            history = self.history.setdefault(sender, SenderHistory())
-            history.add((ts, message, mask, recipients, unknown), self.windows)
-        query = SuspiciousEntry.select().where(SuspiciousEntry.open == True)  # noqa: E712
-        for entry in query:
-            self.episodes[(entry.sender, entry.threat_type)] = entry
+            history = self._history(sender)
+            history.add(ts, message, mask, recipients, unknown)
+        columns = (
+            SuspiciousEntry.sender,
+            SuspiciousEntry.sender_key,
+            SuspiciousEntry.threat_type,
+            SuspiciousEntry.first_seen,
+            SuspiciousEntry.last_seen,
+            SuspiciousEntry.violations,
+            SuspiciousEntry.messages,
+            SuspiciousEntry.rate,
+            SuspiciousEntry.status,
+            SuspiciousEntry.open,
+            SuspiciousEntry.block,
+            SuspiciousEntry.id,
+        )
+        query = SuspiciousEntry.select(*columns).where(SuspiciousEntry.open == True)  # noqa: E712
+        for row in query.order_by(SuspiciousEntry.id).tuples().iterator():
+            episode = Episode(*row)
+            self.episodes.setdefault(episode.sender, {})[episode.threat_type] = episode
         self.blocks.refresh()
 
     def refresh_blocks(self):
@@ -147,60 +314,82 @@ class Profiler:
         self.blocks.refresh()
 
     def _sender(self, ip):
-        """(sender text, network, sort key) for an IP, cached."""
-        known = self.senders.get(ip)
-        if known is None:
+        """The sender an IP is counted as (its text), cached."""
+        sender = self.senders.get(ip)
+        if sender is None:
             if len(self.senders) > SENDER_CACHE:
                 self.senders.clear()
             network = addresses.sender_of(ip, self.settings.ipv6_prefix)
-            known = (
-                addresses.sender_text(network),
-                network,
-                addresses.key_of(network.network_address),
-            )
-            self.senders[ip] = known
+            sender = self.senders[ip] = addresses.sender_text(network)
+        return sender
+
+    def _network(self, sender, ip):
+        """(network, sort key) of a sender, cached for senders with episodes.
+
+        Only these need them: kept for every sender, they would cost about
+        400 bytes each.
+        """
+        known = self.networks.get(sender)
+        if known is None:
+            if len(self.networks) > SENDER_CACHE:
+                self.networks.clear()
+            network = addresses.sender_of(ip, self.settings.ipv6_prefix)
+            known = (network, addresses.key_of(network.network_address))
+            self.networks[sender] = known
         return known
+
+    def _history(self, sender):
+        """A sender's history, moved to the back as the most recently counted."""
+        history = self.history.pop(sender, None)
+        if history is None:
+            history = SenderHistory(self.window_groups)
+        self.history[sender] = history
+        return history
+
+    def _violation_form(self, violations):
+        """(mask, stored text) of a violations tuple, cached: there are few."""
+        key = tuple(violations)
+        form = self.violation_forms.get(key)
+        if form is None:
+            form = self.violation_forms[key] = (_mask(key), ",".join(key))
+        return form
 
     def process(self, event):
         """Count one MailEvent and act on any rule it makes the sender cross."""
-        sender, network, key = self._sender(event.ip)
+        sender = self._sender(event.ip)
         violations = event.violations
-        mask = _mask(violations) if violations else 0
-        history = self.history.get(sender)
-        if history is None:
-            history = self.history[sender] = SenderHistory()
-        history.add(
-            (event.ts, event.message, mask, event.recipients, event.unknown),
-            self.windows,
-        )
+        mask, stored = self._violation_form(violations) if violations else (0, "")
+        ts = event.ts
+        history = self._history(sender)
+        history.add(ts, event.message, mask, event.recipients, event.unknown)
         self.pending_rows.append(
-            (
-                sender,
-                event.ts,
-                event.message,
-                ",".join(violations),
-                event.recipients,
-                event.unknown,
-            )
+            (sender, ts, event.message, stored, event.recipients, event.unknown)
         )
-        if event.ts > self.now:
-            self.now = event.ts
+        if ts > self.now:
+            self.now = ts
 
+        # most events come from senders without an episode and violate nothing
+        episodes = self.episodes.get(sender)
+        if episodes is None and not violations:
+            return
+        network, key = self._network(sender, event.ip)
         opened = False
         for threat_type in THREAT_TYPES:
-            episode = self.episodes.get((sender, threat_type))
+            # a step changes its own type's episode only: `episodes`, read
+            # before the loop, still answers for the types after it
+            episode = episodes.get(threat_type) if episodes else None
             if episode is None and threat_type not in violations:
                 continue
             opened = True
             self._update_episode(sender, network, key, threat_type, episode, event)
         if not opened:
             return
-        for threat_type in THREAT_TYPES:
-            rule = self.rules[threat_type]
-            if not rule.enabled or (sender, threat_type) not in self.episodes:
+        episodes = self.episodes.get(sender, {})
+        for threat_type, rule in self.enabled_rules:
+            if threat_type not in episodes:
                 continue
-            if crosses(history.sums[threat_type], rule):
-                self._act(sender, network, threat_type, history, event.ts)
+            if crosses(history.window_sums(threat_type), rule):
+                self._act(sender, network, threat_type, history, ts)
 
     def _update_episode(self, sender, network, key, threat_type, episode, event):
         """Open, extend or close the sender's episode of one threat type."""
@@ -210,7 +399,7 @@ class Profiler:
         ):
             episode.open = False
             self.dirty[id(episode)] = episode
-            del self.episodes[(sender, threat_type)]
+            self._forget_episode(sender, threat_type)
             episode = None
 
         if threat_type in event.violations:
@@ -229,30 +418,27 @@ class Profiler:
         episode.rate = round(episode.violations * 100.0 / episode.messages, 2)
         self.dirty[id(episode)] = episode
 
+    def _forget_episode(self, sender, threat_type):
+        """Drop a closed episode from the open ones."""
+        episodes = self.episodes[sender]
+        del episodes[threat_type]
+        if not episodes:
+            del self.episodes[sender]
+
     def _open_episode(self, sender, network, key, threat_type, ts):
         """A new episode at a sender's first violation of a type."""
-        episode = SuspiciousEntry(
-            sender=sender,
-            sender_key=key,
-            threat_type=threat_type,
-            first_seen=ts,
-            last_seen=ts,
-            violations=1,
-            messages=1,
-            status="suspicious",
-            open=True,
-        )
+        episode = Episode(sender, key, threat_type, first_seen=ts, last_seen=ts)
         block_id = self.blocks.covering(network, ts)
         if block_id is not None:
             episode.status = "blocked"
             episode.block_id = block_id
-        self.episodes[(sender, threat_type)] = episode
+        self.episodes.setdefault(sender, {})[threat_type] = episode
         return episode
 
     def _act(self, sender, network, threat_type, history, ts):
         """Apply a crossed rule: monitor, or block unless already blocked."""
         rule = self.rules[threat_type]
-        episode = self.episodes[(sender, threat_type)]
+        episode = self.episodes[sender][threat_type]
         if rule.action == "monitor":
             if episode.status == "suspicious":
                 self._set_status(episode, "monitored")
@@ -263,7 +449,7 @@ class Profiler:
         if episode.status == "approved":
             return
 
-        messages, violations, recipients, unknown = history.sums[threat_type]
+        messages, violations, recipients, unknown = history.window_sums(threat_type)
         messages = max(messages, violations)
         reason = f"{threat_type} rate {violations * 100.0 / messages:.0f}%"
         reason += f" over {messages} messages"
@@ -289,10 +475,10 @@ class Profiler:
             self.blocks_made += 1
 
         self.blocks.add(block)
+        episodes = self.episodes[sender]
         for other in THREAT_TYPES:
-            open_episode = self.episodes.get((sender, other))
-            if open_episode is not None:
-                self._set_status(open_episode, "blocked", block.id)
+            if other in episodes:
+                self._set_status(episodes[other], "blocked", block.id)
 
     def _set_status(self, episode, status, block_id=None):
         """Change an episode's status (written at the next flush)."""
@@ -343,10 +529,19 @@ class Profiler:
         self.status_changed = {}
 
     def _sweep(self):
-        """Forget senders and stored events that every window has left behind."""
+        """Forget stored events and senders that every window has left behind.
+
+        Histories catch up on the sweep when next used; only the least
+        recently counted ones are looked at now, to forget the idle.
+        """
         oldest = self.now - max(self.windows.values())
         WindowEvent.delete().where(WindowEvent.ts <= oldest).execute()
-        idle = [s for s, h in self.history.items() if h.expire(self.now, self.windows)]
+        self.window_groups.sweep(self.now)
+        idle = []
+        for sender, history in self.history.items():
+            if not history.is_empty():
+                break
+            idle.append(sender)
         for sender in idle:
             del self.history[sender]
         self.swept = self.now

@@ -16,44 +16,63 @@ from appliance.sources.logline import SKIPPED_LINE
 
 log = logging.getLogger(__name__)
 
-HEADER = re.compile(r"\S+ ([^\s\[\]:]+)(?:\[\d{1,10}\])?: ")
+# group 1: the process as `program[pid]`, group 2: the program
+HEADER = re.compile(r"\S+ (([^\s\[\]:]+)(?:\[\d{1,10}\])?): ")
 AMAVIS_NAMES = ("amavis", "/usr/sbin/amavis")
+PROGRAM_CACHE_LIMIT = 1024
+_readers = {}
 
 
 def parse(line, stamps):
-    """Read one line with a timestamps.StampReader; never raises."""
+    """Read one line with a timestamps.StampReader; never raises.
+
+    Splits off stamp, host and program, then has the program's reader read
+    the message.
+    """
     try:
-        return _parse(line, stamps)
+        # most lines repeat the last stamp: StampReader.read's first test, inline
+        if line.startswith(stamps.last_prefix):
+            stamp = stamps.last_found
+        else:
+            stamp = stamps.read(line)
+        if stamp is None:
+            # a blank line has no stamp: checked only here, where it is rare
+            return IGNORED_LINE if not line or line.isspace() else SKIPPED_LINE
+        ts, start = stamp
+        header = HEADER.match(line, start)
+        if header is None:
+            if line.startswith("#", start):
+                return scanners.read_rspamd(line[start:].rstrip("\r\n"), ts)
+            return SKIPPED_LINE
+
+        program = header[2]
+        reader = _readers.get(program)
+        if reader is None:
+            reader = _reader_of(program)
+        if reader is False:
+            return IGNORED_LINE
+        message = line[header.end() :].rstrip("\r\n")
+        if program.startswith("postfix"):
+            return reader(message, ts, header[1])
+        return reader(message, ts)
     except Exception:  # a parser bug must not stop ingest; the line is skipped
         log.warning("mail-log line not parsed (parser error): %r", line, exc_info=True)
         return SKIPPED_LINE
 
 
-def _parse(line, stamps):
-    """Split off stamp, host and program, then read the program's message."""
-    if not line or line.isspace():
-        return IGNORED_LINE
-    stamp = stamps.read(line)
-    if stamp is None:
-        return SKIPPED_LINE
-    ts, start = stamp
-    header = HEADER.match(line, start)
-    if header is None:
-        if line.startswith("#", start):
-            return scanners.read_rspamd(line[start:].rstrip("\r\n"), ts)
-        return SKIPPED_LINE
-    program = header[1]
-    message = line[header.end() :].rstrip("\r\n")
-
+def _reader_of(program):
+    """The reader of a program's lines, or False when its lines carry nothing."""
     if program.startswith("postfix"):
-        reader = postfix.READERS.get(program[program.rfind("/") + 1 :])
-        if reader is None:
-            return IGNORED_LINE
-        return reader(message, ts, line[header.start(1) : header.end() - 2])
-    if program.startswith(AMAVIS_NAMES):
-        return scanners.read_amavis(message, ts)
-    if program.startswith("rspamd"):
-        return scanners.read_rspamd(message, ts)
-    if program == "clamav-milter":
-        return scanners.read_clamav_milter(message, ts)
-    return IGNORED_LINE
+        reader = postfix.READERS.get(program[program.rfind("/") + 1 :], False)
+    elif program.startswith(AMAVIS_NAMES):
+        reader = scanners.read_amavis
+    elif program.startswith("rspamd"):
+        reader = scanners.read_rspamd
+    elif program == "clamav-milter":
+        reader = scanners.read_clamav_milter
+    else:
+        reader = False
+    if len(_readers) >= PROGRAM_CACHE_LIMIT:
+        _readers.clear()
+    _readers[program] = reader
+    return reader

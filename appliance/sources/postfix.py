@@ -124,12 +124,13 @@ def read_smtpd(message, ts, process):
             record = LogLine(DISCONNECT, ts, process, ip=address(match[3]))
             record.counters = _session_counters(message, match.end())
             return record
-    if message.startswith(SMTPD_NOISE):
-        return IGNORED_LINE
+    # before the noise: no noise prefix can start a `QUEUEID: client=` line
     if "client=" in message:
         match = SMTPD_CLIENT.match(message)
         if match is not None:
             return LogLine(CLIENT, ts, process, match[1], address(match[3]))
+    if message.startswith(SMTPD_NOISE):
+        return IGNORED_LINE
     if "reject" in message or "milter-" in message:
         match = SMTPD_REJECT.match(message)
         if match is not None:
@@ -248,6 +249,11 @@ def read_cleanup(message, ts, process):
 
 def read_qmgr(message, ts, process):
     """qmgr: a message entering the active queue (sender, recipients), and removal."""
+    if message.endswith(": removed"):
+        # the most common qmgr line: QMGR_QUEUED cannot match it
+        match = QMGR_OTHER.match(message)
+        if match is not None and match[2] == "removed":
+            return LogLine(REMOVED, ts, process, match[1])
     match = QMGR_QUEUED.match(message)
     if match is not None:
         record = LogLine(QUEUED, ts, process, match[1])

@@ -53,9 +53,13 @@ def read_amavis(message, ts):
     category = match[2]
     if category[-1:].isdigit():
         category = category.rstrip("0123456789").rstrip("-")
+    verdict = AMAVIS_THREATS.get(category)
+    if verdict is None:
+        # a verdict of no threat is charged nothing: its queue ID and IP go unread
+        return LogLine(VERDICT, ts, "amavis")
     queue_id = AMAVIS_QUEUE_ID.search(message, match.end())
     record = LogLine(VERDICT, ts, "amavis", queue_id and queue_id[1])
-    record.verdict = AMAVIS_THREATS.get(category)
+    record.verdict = verdict
     record.ip = _first_client(message, match.end())
     return record
 
