@@ -303,7 +303,8 @@ class Profiler:
             SuspiciousEntry.block,
             SuspiciousEntry.id,
         )
-        query = SuspiciousEntry.select(*columns).where(SuspiciousEntry.open == True)  # noqa: E712
+        still_open = SuspiciousEntry.open == True  # noqa: E712
+        query = SuspiciousEntry.select(*columns).where(still_open)
         for row in query.order_by(SuspiciousEntry.id).tuples().iterator():
             episode = Episode(*row)
             self.episodes.setdefault(episode.sender, {})[episode.threat_type] = episode

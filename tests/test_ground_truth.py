@@ -78,10 +78,9 @@ def test_exactly_the_expected_senders_are_blocked(caught_up):
     assert len(expected) > 30
 
 
-def test_exactly_the_expected_entries_with_exact_counts(caught_up):
-    truth, _config, _log = caught_up
-
-    expected = sorted(
+def expected_entries(truth):
+    """The ground truth's episodes as sorted tuples, like episodes_in_db()."""
+    return sorted(
         (
             e["ip"],
             e["type"],
@@ -93,6 +92,12 @@ def test_exactly_the_expected_entries_with_exact_counts(caught_up):
         )
         for e in truth["episodes"]
     )
+
+
+def test_exactly_the_expected_entries_with_exact_counts(caught_up):
+    truth, _config, _log = caught_up
+
+    expected = expected_entries(truth)
 
     assert episodes_in_db() == expected
     suspicious = [e for e in expected if e[6] == "suspicious"]

@@ -20,6 +20,20 @@ def appliance_host(tmp_path):
         yield lab.add_host("mx", "192.0.2.1", "2001:db8::1"), config_path
 
 
+def block_inside(host, config_path, target):
+    """`sender-filter block TARGET` run inside the appliance's namespace."""
+    return host.run(
+        sys.executable,
+        "-m",
+        "appliance.cli",
+        "block",
+        target,
+        "--config",
+        str(config_path),
+        check=False,
+    )
+
+
 @pytest.mark.parametrize(
     ("target", "reason"),
     [
@@ -36,16 +50,7 @@ def test_own_addresses_found_on_the_interfaces_are_never_blocked(
 ):
     host, config_path = appliance_host
 
-    result = host.run(
-        sys.executable,
-        "-m",
-        "appliance.cli",
-        "block",
-        target,
-        "--config",
-        str(config_path),
-        check=False,
-    )
+    result = block_inside(host, config_path, target)
 
     assert result.returncode == 2
     assert result.stderr.strip() == f"sender-filter block: {reason}"
@@ -54,16 +59,7 @@ def test_own_addresses_found_on_the_interfaces_are_never_blocked(
 def test_a_neighbour_on_the_same_link_can_be_blocked(appliance_host):
     host, config_path = appliance_host
 
-    result = host.run(
-        sys.executable,
-        "-m",
-        "appliance.cli",
-        "block",
-        "192.0.2.77",
-        "--config",
-        str(config_path),
-        check=False,
-    )
+    result = block_inside(host, config_path, "192.0.2.77")
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("192.0.2.77 blocked 1h")
