@@ -1,7 +1,7 @@
 # Sender Filter: `make run` starts the appliance, `make test` runs every test.
 VENV := .venv
 PY := $(VENV)/bin/python
-SYSTEM_PACKAGES := iptables ipset postfix swaks dnsmasq-base conntrack iproute2 procps
+SYSTEM_PACKAGES := iptables ipset postfix swaks dnsmasq-base conntrack iproute2 procps chromium nftables vagrant debootstrap qemu-system-x86 qemu-utils openssh-client python3-venv e2fsprogs
 
 .PHONY: run test lint format system-packages clean
 

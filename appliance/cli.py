@@ -1,8 +1,10 @@
 """The `sender-filter` command (SPEC §10)."""
 
 import argparse
+import getpass
 import json
 import logging
+import os
 import secrets
 import sys
 import zlib
@@ -40,7 +42,7 @@ def main(argv=None):
             )
         models.connect(settings.database)
         service.configure(settings)
-        result = args.handler(settings, args)
+        result = run_handler(settings, args)
     except (config.ConfigError, UsageError, service.Refused, OSError) as exc:
         print(f"sender-filter {args.command}: {exc}", file=sys.stderr)
         return 2
@@ -60,6 +62,27 @@ def main(argv=None):
         except BrokenPipeError:
             sys.stderr.close()
     return 0
+
+
+def run_handler(settings, args):
+    """Run the subcommand; what it audits is marked with where it was typed."""
+    if args.command in ("run", "web"):
+        return args.handler(settings, args)
+    source = service.acting_from.set(command_line_source())
+    try:
+        return args.handler(settings, args)
+    finally:
+        service.acting_from.reset(source)
+
+
+def command_line_source():
+    """Where a command comes from: the SSH client's address, or this machine."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    ssh_client = os.environ.get("SSH_CONNECTION", "").split(" ")[0]
+    return f"{ssh_client} (ssh, {user})" if ssh_client else f"local ({user})"
 
 
 def emit(result, as_json):

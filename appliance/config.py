@@ -54,12 +54,22 @@ class Settings:
     chain: str = "SENDER_FILTER"
     set_size: int = 262144
     sync_interval: float = 1.0
+    iptables: str = "auto"
+    repeat_period: int = 7 * 86400
+    repeat_factor: float = 2.0
+    repeat_max: int = 30 * 86400
     web_host: str = "127.0.0.1"
     web_port: int = 8080
     secret_key_file: Path = Path("var/secret_key")
     session_minutes: int = 60
+    https: bool = False
+    proxies: int = 0
+    login_failures: int = 5
+    login_lockout_minutes: int = 15
     nameservers: tuple[str, ...] = ()
     dns_timeout: float = 1.0
+    # domain names on the blocked and approved lists are looked up again this often
+    reresolve_minutes: int = 15
     rules: dict = field(default_factory=dict)
 
     def rule_defaults(self, threat_type):
@@ -158,12 +168,21 @@ def from_mapping(raw, path):
         chain=enforcement.get("chain", "SENDER_FILTER"),
         set_size=_int(enforcement, "set_size", 262144, 1024, 1 << 26),
         sync_interval=float(enforcement.get("sync_interval", 1.0)),
+        iptables=_choice(enforcement, "iptables", "auto", ("auto", "nft", "legacy")),
+        repeat_period=_int(enforcement, "repeat_period", 7 * 86400, 0, 365 * 86400),
+        repeat_factor=_factor(enforcement, "repeat_factor", 2.0),
+        repeat_max=_int(enforcement, "repeat_max", 30 * 86400, 1, 30 * 86400),
         web_host=web.get("host", "127.0.0.1"),
         web_port=_int(web, "port", 8080, 1, 65535),
         secret_key_file=resolve(web.get("secret_key_file", "secret_key")),
         session_minutes=_int(web, "session_minutes", 60, 1, 7 * 24 * 60),
+        https=_bool(web, "https", False),
+        proxies=_int(web, "proxies", 0, 0, 5),
+        login_failures=_int(web, "login_failures", 5, 1, 1000),
+        login_lockout_minutes=_int(web, "login_lockout_minutes", 15, 1, 24 * 60),
         nameservers=tuple(dns.get("nameservers", [])),
         dns_timeout=float(dns.get("timeout", 1.0)),
+        reresolve_minutes=_int(dns, "reresolve_minutes", 15, 1, 7 * 24 * 60),
         rules={t: _rule(raw.get("rules", {}).get(t, {}), t) for t in THREAT_TYPES},
     )
     return settings
@@ -211,6 +230,26 @@ def _int(section, key, default, low, high):
     ):
         raise ConfigError(f"{key} must be an integer from {low} to {high}")
     return value
+
+
+def _bool(section, key, default):
+    """A true-or-false setting."""
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false")
+    return value
+
+
+def _factor(section, key, default):
+    """A number from 1 to 100 that a duration is multiplied by."""
+    value = section.get(key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 1 <= value <= 100
+    ):
+        raise ConfigError(f"{key} must be a number from 1 to 100")
+    return float(value)
 
 
 def _choice(section, key, default, allowed):

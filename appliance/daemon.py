@@ -15,13 +15,17 @@ from appliance.ingest import Source
 from appliance.models import Block
 from appliance.profiler import Profiler
 from appliance.scheduler import BlockExpiry
+from appliance.scheduler import schedule_reresolve
 from appliance.sources.jsonlines import spool_path
 from appliance.sources.watch import Watcher
 
 log = logging.getLogger(__name__)
 
 IDLE_SLEEP = 0.05
-RECONCILE_EVERY = 5.0
+# how often the kernel is compared with the database when nothing changed
+RECONCILE_EVERY = 2.0
+# in between, a reconcile pass compares only counts unless this long has passed
+FULL_RECONCILE_EVERY = 30.0
 RULES_EVERY = 5.0
 RETRY_AFTER = 1.0
 
@@ -46,6 +50,10 @@ class Daemon:
         self.last_change = 0.0
         self.last_reconcile = 0.0
         self.last_rules = 0.0
+        # block id -> the kernel status last written to Block.enforced
+        self.kernel_status = {}
+        self.last_full = 0.0
+        self.last_rules_check = 0.0
 
     def _lifted(self, targets):
         """A block was lifted by the scheduler: enforce soon."""
@@ -71,10 +79,11 @@ class Daemon:
         self.lock.acquire()
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        self.load()
-        self.backend.setup()
-        self.expiry.start()
+        # the kernel first: after a reboot blocks are back before logs are read
         self.enforce(rebuild=True)
+        self.load()
+        self.expiry.start()
+        schedule_reresolve(self.expiry.scheduler, self.settings, self._lifted)
         log.info(
             "following %s; enforcement: %s",
             ", ".join(s.path for s in self.sources) or "no log files",
@@ -104,7 +113,7 @@ class Daemon:
             self.expiry.refresh()
             self.enforce()
         elif now - self.last_reconcile >= RECONCILE_EVERY:
-            self.enforce()
+            self.enforce(reconcile=True)
         if now - self.last_rules >= RULES_EVERY:
             self.profiler.reload_rules()
             self.last_rules = now
@@ -139,30 +148,78 @@ class Daemon:
             return True
         return False
 
-    def enforce(self, rebuild=False):
+    def enforce(self, rebuild=False, reconcile=False):
         """Make the kernel hold exactly the blocks in force now.
 
         On start the sets are rebuilt whole and swapped in; afterwards only the
-        difference is applied. A failure is logged and retried on the next pass.
+        difference is applied. A reconcile pass (nothing changed in the
+        database) that changes the kernel repaired drift, and says so. A
+        failure is logged and retried on the next pass.
         """
         now = time.time()
-        desired = {}
-        for block in service.active_blocks(now):
-            if block.expires_at is None:
-                desired[block.target] = None
-            else:
-                desired[block.target] = block.expires_at - now
+        active = service.active_targets(now)
+        desired = {
+            target: None if expires_at is None else expires_at - now
+            for _id, target, expires_at in active
+        }
         self.last_reconcile = now
         service.publish_state(enforcement=self.backend.name, heartbeat=now)
+        in_force = sum(1 for left in desired.values() if left is None or left >= 1)
+        if reconcile and now - self.last_full < FULL_RECONCILE_EVERY:
+            try:
+                if self.backend.matches(in_force):
+                    service.publish_state(kernel_checked_at=now)
+                    return
+            except Exception:
+                log.exception("kernel check failed; syncing instead")
+        self.last_full = now
         try:
             if rebuild:
+                self.backend.setup()
                 change = self.backend.rebuild(desired)
             else:
-                change = self.backend.sync(desired)
-        except Exception:
+                # rules are read back at least every RECONCILE_EVERY, even
+                # while a flood of blocks keeps reconcile passes away
+                check = now - self.last_rules_check >= RECONCILE_EVERY
+                if check:
+                    self.last_rules_check = now
+                change = self.backend.sync(desired, check_rules=check)
+        except Exception as exc:
             log.exception("enforcement failed; retrying in %.0f s", RECONCILE_EVERY)
+            service.publish_state(enforcement_error=f"enforcement failed: {exc}")
             return
+        if reconcile and change:
+            log.warning("kernel drift repaired: %s", drift_summary(change))
         for target in change.added:
             log.info("%s now enforced (%s backend)", target, self.backend.name)
         for target in change.removed:
             log.info("%s no longer enforced (%s backend)", target, self.backend.name)
+        status = {block_id: target in change.enforced for block_id, target, _ in active}
+        self.kernel_status = service.record_kernel_status(
+            status, self.kernel_status, now
+        )
+        full = f"{len(change.overflow)} blocks NOT enforced: the kernel sets are full"
+        service.publish_state(
+            kernel_checked_at=now, enforcement_error=full if change.overflow else ""
+        )
+
+
+def drift_summary(change):
+    """What a reconcile pass put right, in words, naming a few entries each."""
+
+    def some(entries):
+        shown = ", ".join(entries[:5])
+        return shown + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+
+    parts = []
+    if change.added:
+        parts.append(
+            f"{len(change.added)} missing entries put back ({some(change.added)})"
+        )
+    if change.removed:
+        parts.append(
+            f"{len(change.removed)} extra entries removed ({some(change.removed)})"
+        )
+    if change.retimed:
+        parts.append(f"{len(change.retimed)} entries re-timed ({some(change.retimed)})")
+    return "; ".join(parts)

@@ -11,6 +11,8 @@ from peewee import IntegerField
 from peewee import Model
 from peewee import SqliteDatabase
 from peewee import TextField
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate
 
 db = DatabaseProxy()
 
@@ -70,9 +72,21 @@ class Block(BaseModel):
     reason = TextField(default="")
     domain = CharField(null=True)
     changed_at = FloatField(default=time.time, index=True)
+    # written by the daemon's reconcile: True in the kernel set, False missing
+    enforced = BooleanField(null=True)
+    enforced_checked_at = FloatField(null=True)
+    # 1 for a first block; n when n blocks of this target began within the
+    # repeat period (enforcement.repeat_period), the longer for it
+    offence = IntegerField(default=1)
 
     class Meta:
-        indexes = ((("key_first", "key_last"), False),)
+        indexes = (
+            (("key_first", "key_last"), False),
+            # the sender filtering log lists blocks by when they started
+            (("created_at",), False),
+            # blocks in force, counted by the overview from the index alone
+            (("lifted_at", "expires_at"), False),
+        )
 
     @property
     def active(self):
@@ -80,17 +94,21 @@ class Block(BaseModel):
         return self.lifted_at is None
 
 
+# what every Suspicious IP log index holds after its own column
+FILTER_COLUMNS = ("last_seen", "id", "first_seen", "threat_type", "status")
+
+
 class SuspiciousEntry(BaseModel):
     """One episode of one sender's violations of one threat type (SPEC §4)."""
 
     sender = CharField()
-    sender_key = CharField(index=True)
+    sender_key = CharField()
     threat_type = CharField()
     first_seen = FloatField()
     last_seen = FloatField()
     violations = IntegerField(default=0)
     messages = IntegerField(default=0)
-    rate = FloatField(default=0.0, index=True)
+    rate = FloatField(default=0.0)
     status = CharField(default="suspicious")
     open = BooleanField(default=True)
     block = ForeignKeyField(Block, null=True, backref="entries")
@@ -98,15 +116,33 @@ class SuspiciousEntry(BaseModel):
     class Meta:
         # the daemon and the console both write entries: save what changed only
         only_save_dirty = True
+        # One index per sortable column of the Suspicious IP log, in the page's
+        # order (column, last_seen, id), each also holding the filter columns,
+        # so a page walks one index and reads only its own rows from the table
+        # (appliance/queries.py). The sender key one also finds a new block's
+        # entries. Every index costs the profiler's writes: add none lightly.
         indexes = (
-            (("last_seen", "first_seen"), False),
-            (("threat_type", "last_seen"), False),
-            (("violations", "last_seen"), False),
-            (("messages", "last_seen"), False),
-            (("status", "last_seen"), False),
-            (("sender", "threat_type", "open"), False),
-            # a new block marks the unblocked entries in its key range
-            (("status", "sender_key"), False),
+            (("last_seen", "id", "first_seen", "threat_type", "status"), False),
+            # + sender, violations, messages: the Overview's figures read this
+            # index alone (appliance/overview.py)
+            (
+                (
+                    "threat_type",
+                    "last_seen",
+                    "id",
+                    "first_seen",
+                    "status",
+                    "sender",
+                    "violations",
+                    "messages",
+                ),
+                False,
+            ),
+            (("sender_key", "last_seen", "id", "first_seen", "threat_type"), False),
+            (("violations", *FILTER_COLUMNS), False),
+            (("messages", *FILTER_COLUMNS), False),
+            (("rate", *FILTER_COLUMNS), False),
+            (("status", "last_seen", "id", "first_seen", "threat_type"), False),
         )
 
 
@@ -148,6 +184,24 @@ class AuditEntry(BaseModel):
     action = CharField()
     target = CharField(index=True)
     detail = TextField(default="")
+    # where the action came from: the console's or API's client, the CLI's user
+    source = CharField(null=True)
+    # the key range of `target` when it is an address or network, for IP search
+    key_first = CharField(null=True)
+    key_last = CharField(null=True)
+
+    class Meta:
+        indexes = ((("key_first", "key_last"), False),)
+
+
+class LoginFailure(BaseModel):
+    """A failed console login, kept a while to slow down password guessing."""
+
+    source = CharField()
+    ts = FloatField(default=time.time)
+
+    class Meta:
+        indexes = ((("source", "ts"), False),)
 
 
 class ApiToken(BaseModel):
@@ -177,6 +231,7 @@ ALL_MODELS = (
     SourcePosition,
     SourceCounter,
     AuditEntry,
+    LoginFailure,
     ApiToken,
     ApplianceState,
 )
@@ -198,5 +253,53 @@ def connect(path):
     )
     db.initialize(database)
     database.connect(reuse_if_open=True)
+    add_missing_columns(database)
+    drop_replaced_indexes(database, SuspiciousEntry)
     database.create_tables(ALL_MODELS)
+    refresh_statistics(database, SuspiciousEntry)
     return database
+
+
+def refresh_statistics(database, model, growth=10):
+    """ANALYZE a table (sampled) when it has grown `growth` times since the last.
+
+    The planner needs the statistics to skip-scan the Suspicious IP log's
+    indexes; the sampled ANALYZE takes milliseconds even for a million rows.
+    """
+    table = model._meta.table_name
+    counted = 0
+    if database.table_exists("sqlite_stat1"):
+        found = database.execute_sql(
+            "SELECT stat FROM sqlite_stat1 WHERE tbl = ? LIMIT 1", (table,)
+        ).fetchone()
+        counted = int(found[0].split()[0]) if found and found[0] else 0
+    rows = database.execute_sql(f'SELECT max(rowid) FROM "{table}"').fetchone()[0]
+    if rows and rows >= max(counted, 1) * growth:
+        database.execute_sql("PRAGMA analysis_limit = 1000")
+        database.execute_sql(f'ANALYZE "{table}"')
+
+
+def drop_replaced_indexes(database, model):
+    """Drop indexes an older version made on a model's table and it no longer has."""
+    wanted = {index._name for index in model._meta.fields_to_index()}
+    present = database.execute_sql(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ? "
+        "AND sql IS NOT NULL",
+        (model._meta.table_name,),
+    )
+    for (name,) in present.fetchall():
+        if name not in wanted:
+            database.execute_sql(f'DROP INDEX "{name}"')
+
+
+def add_missing_columns(database):
+    """Give tables an older version created the columns the models have since got."""
+    migrator = SchemaMigrator.from_database(database)
+    for model in ALL_MODELS:
+        table = model._meta.table_name
+        if not database.table_exists(table):
+            continue
+        present = {column.name for column in database.get_columns(table)}
+        missing = [f for f in model._meta.sorted_fields if f.column_name not in present]
+        if missing:
+            migrate(*(migrator.add_column(table, f.column_name, f) for f in missing))

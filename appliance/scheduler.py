@@ -1,15 +1,18 @@
-"""APScheduler jobs that lift each temporary block at its end time."""
+"""APScheduler jobs: lift each temporary block at its end time, re-resolve names."""
 
 import logging
 import threading
+import time
 from datetime import UTC
 from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from appliance import lists
 from appliance import service
 from appliance.models import Block
 from appliance.models import db
+from appliance.resolve import NameResolver
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +23,8 @@ class BlockExpiry:
     def __init__(self, on_lift):
         self.on_lift = on_lift
         self.scheduler = BackgroundScheduler(timezone=UTC)
-        self.scheduled = set()
+        # block id -> the end time its job was scheduled for
+        self.scheduled = {}
         self.lock = threading.Lock()
 
     def start(self):
@@ -38,7 +42,8 @@ class BlockExpiry:
         )
         with self.lock:
             for block in active:
-                if block.id in self.scheduled:
+                # a block extended since it was scheduled gets its job replaced
+                if self.scheduled.get(block.id) == block.expires_at:
                     continue
                 self.scheduler.add_job(
                     self._lift,
@@ -49,16 +54,19 @@ class BlockExpiry:
                     replace_existing=True,
                     misfire_grace_time=None,
                 )
-                self.scheduled.add(block.id)
+                self.scheduled[block.id] = block.expires_at
 
     def _lift(self, block_id):
         """Lift one block when its time is up (runs in the scheduler thread)."""
         with self.lock:
-            self.scheduled.discard(block_id)
+            self.scheduled.pop(block_id, None)
         try:
             db.connect(reuse_if_open=True)
             block = Block.get_or_none(Block.id == block_id)
             if block is None or block.lifted_at is not None:
+                return
+            # made permanent or extended since: refresh() schedules the new end
+            if block.expires_at is None or block.expires_at > time.time():
                 return
             lifted = service.lift(
                 Block.id == block_id,
@@ -74,3 +82,31 @@ class BlockExpiry:
     def stop(self):
         """Stop the scheduler thread."""
         self.scheduler.shutdown(wait=False)
+
+
+def schedule_reresolve(scheduler, settings, on_change):
+    """Look the listed domain names up again every `dns.reresolve_minutes`."""
+    names = NameResolver(settings.nameservers, settings.dns_timeout)
+
+    def reresolve():
+        """One pass over the names (runs in the scheduler thread)."""
+        changed = 0
+        try:
+            db.connect(reuse_if_open=True)
+            changed = lists.reresolve(names)
+        except Exception:
+            log.exception("re-resolving the listed domain names failed")
+        finally:
+            db.close()
+        if changed:
+            on_change(changed)
+
+    scheduler.add_job(
+        reresolve,
+        "interval",
+        minutes=settings.reresolve_minutes,
+        id="reresolve-names",
+        replace_existing=True,
+        coalesce=True,
+        max_instances=1,
+    )

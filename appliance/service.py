@@ -5,6 +5,7 @@ log and the database stay one story whoever acts. The kernel is not touched
 here: the enforcement loop in the daemon makes the kernel follow the database.
 """
 
+import contextvars
 import json
 import logging
 import secrets
@@ -12,6 +13,7 @@ import subprocess
 import time
 from dataclasses import asdict
 
+from peewee import fn
 from werkzeug.security import generate_password_hash
 
 from appliance import addresses
@@ -29,6 +31,10 @@ from appliance.timefmt import format_duration
 log = logging.getLogger(__name__)
 
 MAX_DURATION = 30 * 86400
+# where the action in hand comes from, for the audit log: the console's or the
+# API's client address (set per request), the CLI's user (set once); None for
+# the daemon's own decisions
+acting_from = contextvars.ContextVar("acting_from", default=None)
 
 
 class Refused(Exception):
@@ -95,17 +101,51 @@ def interface_addresses():
 
 
 _guard = None
+_repeat = None
 
 
 def configure(settings):
     """Set the guard from settings; call once a process after connecting."""
-    global _guard
+    global _guard, _repeat
     _guard = Guard(settings)
+    _repeat = (settings.repeat_period, settings.repeat_factor, settings.repeat_max)
+
+
+def repeat_offence(target, now):
+    """How many blocks of `target` began within the repeat period up to `now`, +1."""
+    period = _repeat[0] if _repeat else 0
+    if not period:
+        return 1
+    earlier = Block.select(fn.COUNT(Block.id)).where(
+        (Block.target == target)
+        & (Block.created_at > now - period)
+        & (Block.created_at <= now)
+    )
+    return earlier.scalar() + 1
+
+
+def repeat_duration(duration, offence):
+    """A rule's temporary block for the n-th offence: factor^(n-1) longer, capped."""
+    _period, factor, longest = _repeat
+    longer = duration * factor ** (offence - 1)
+    return max(duration, min(round(longer), longest))
 
 
 def audit(actor, action, target, detail=""):
-    """Add a line to the sender filtering log."""
-    AuditEntry.create(actor=actor, action=action, target=target, detail=detail)
+    """Add a line to the sender filtering log, with where the action came from."""
+    try:
+        first, last = addresses.key_range(addresses.parse_network(target))
+    except addresses.AddressError:
+        first = last = None
+    AuditEntry.create(
+        actor=actor,
+        action=action,
+        target=target,
+        detail=detail,
+        source=acting_from.get(),
+        key_first=first,
+        key_last=last,
+    )
 
 
 def approved_overlapping(network):
@@ -132,6 +172,10 @@ def block_network(network, *, threat_type, duration, actor, reason, now=None):
         existing = active_block(network, now)
         if existing is not None:
             raise AlreadyBlocked(existing)
+        offence = repeat_offence(target, now)
+        if offence > 1 and duration and actor.startswith("rule:"):
+            duration = repeat_duration(duration, offence)
+            reason = f"{reason}; repeat offence {offence}"
         block = Block.create(
             target=target,
             key_first=first,
@@ -143,6 +187,7 @@ def block_network(network, *, threat_type, duration, actor, reason, now=None):
             created_by=actor,
             reason=reason,
             changed_at=time.time(),
+            offence=offence,
         )
         audit(actor, "block", target, f"{format_duration(duration)}: {reason}")
         mark_entries_blocked(block)
@@ -236,6 +281,41 @@ def active_blocks(now=None):
     )
 
 
+def active_targets(now=None):
+    """(id, target, expires_at) of the blocks in force now, for the enforcer."""
+    now = time.time() if now is None else now
+    in_force = Block.lifted_at.is_null() & (
+        Block.expires_at.is_null() | (Block.expires_at > now)
+    )
+    query = Block.select(Block.id, Block.target, Block.expires_at).where(in_force)
+    return list(query.order_by(Block.id).tuples())
+
+
+def record_kernel_status(status, written, now):
+    """Write Block.enforced where the kernel's answer changed; the new `written`.
+
+    `status` maps each active block's id to whether the kernel enforces it;
+    `written` is what the caller wrote before. Blocks gone from `status` that
+    were enforced are written as no longer enforced. Only changed rows are
+    written, in one transaction.
+    """
+    changed = {True: [], False: []}
+    for block_id, enforced in status.items():
+        if written.get(block_id) is not enforced:
+            changed[enforced].append(block_id)
+    changed[False] += [i for i, was in written.items() if was and i not in status]
+    if not changed[True] and not changed[False]:
+        return dict(status)
+    with db.atomic():
+        for enforced, ids in changed.items():
+            for start in range(0, len(ids), 10000):
+                chunk = ids[start : start + 10000]
+                Block.update(enforced=enforced, enforced_checked_at=now).where(
+                    Block.id.in_(chunk)
+                ).execute()
+    return dict(status)
+
+
 def approve(text, *, actor, note=""):
     """Approve an address or CIDR; returns it and the targets of blocks lifted."""
     try:
@@ -256,6 +336,11 @@ def approve(text, *, actor, note=""):
         audit(actor, "approve", target, note)
     overlapping = (Block.key_first <= last) & (Block.key_last >= first)
     return target, lift(overlapping, actor=actor, reason="approved")
+
+
+def approved_hosts():
+    """The approved list, oldest first."""
+    return list(ApprovedHost.select().order_by(ApprovedHost.id))
 
 
 def unapprove(text, *, actor):
@@ -287,7 +372,7 @@ def seed_rules(settings):
         Rule.get_or_create(threat_type=threat_type, defaults=values)
 
 
-def add_admin(username, password=None):
+def add_admin(username, password=None, actor="cli"):
     """Create an administrator; returns the password (generated when not given)."""
     if not username or not username.isidentifier():
         raise Refused("an administrator name is letters, digits and underscores")
@@ -295,7 +380,7 @@ def add_admin(username, password=None):
     if Admin.get_or_none(Admin.username == username) is not None:
         raise Refused(f"administrator {username} already exists")
     Admin.create(username=username, password_hash=generate_password_hash(password))
-    audit("cli", "admin add", username)
+    audit(actor, "admin add", username)
     return password
 
 

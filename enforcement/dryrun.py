@@ -38,12 +38,14 @@ class DryRunBackend:
             self.settings.set_v6,
             self.settings.chain,
         )
+        return []
 
-    def sync(self, desired):
+    def sync(self, desired, check_rules=True):
         """Pretend to make the kernel hold `desired`; log each would-be change."""
         with self._lock:
             change = plan(self._held(), desired)
             self._apply(change)
+            change.enforced = set(self.deadlines)
             return change
 
     def rebuild(self, desired):
@@ -53,7 +55,12 @@ class DryRunBackend:
             change = compare(self._held(), wanted)
             log.info("DRY-RUN: would rebuild the sets with %d entries", len(wanted))
             self._apply(change)
+            change.enforced = set(self.deadlines)
             return change
+
+    def matches(self, count):
+        """Never takes the shortcut: a dry-run sync is cheap."""
+        return False
 
     def enforced(self):
         """The entries the pretend kernel holds right now."""

@@ -1,137 +1,40 @@
 """The kernel backend: one ipset per family and one rule per family that uses it.
 
 Sets are driven with the `ipset` command in `ipset restore` batches; the chain
-and its rule live in the legacy xtables filter table, driven with
-python-iptables (see docs/enforcement.md for why legacy). Everything acts on
-the network namespace of the calling process.
+and its rule are written by a driver from enforcement/rules.py into the
+xtables backend this host's `iptables` shows (see docs/enforcement.md).
+Everything acts on the network namespace of the calling process.
 """
 
 import logging
 import re
-import shlex
 import socket
-import subprocess
 import threading
-from contextlib import contextmanager
-from dataclasses import dataclass
-
-import iptc
 
 from appliance.addresses import AddressError
 from appliance.addresses import parse_ip
+from enforcement import commands
 from enforcement.plan import compare
 from enforcement.plan import entry_text
 from enforcement.plan import family_of
-from enforcement.plan import plan
+from enforcement.plan import fit
 from enforcement.plan import wanted_state
+from enforcement.rules import FAMILIES
+from enforcement.rules import EnforcementError
+from enforcement.rules import chain_rules
+from enforcement.rules import rules_driver
 
 log = logging.getLogger(__name__)
 
-FAMILIES = (4, 6)
+__all__ = ["EnforcementError", "KernelBackend"]
+
 IPSET_FAMILY = {4: "inet", 6: "inet6"}
-# the command that shows what python-iptables wrote, quoted in error logs
-IPTABLES = {4: "iptables-legacy", 6: "ip6tables-legacy"}
-# the most ports one multiport match takes
-MULTIPORT_LIMIT = 15
 # peers per `ss -K` call when cutting connections
 CUT_CHUNK = 100
-COMMAND_TIMEOUT = 60
 # the lines of `ipset save` that name a set and that hold an entry
 CREATE_LINE = re.compile(r"^create (\S+) ", re.MULTILINE)
+ENTRY_COUNT = re.compile(r"^Number of entries: (\d+)$", re.MULTILINE)
 ADD_LINE = re.compile(r"^add (\S+) (\S+)(?: .*?timeout (\d+))?", re.MULTILINE)
-
-
-class EnforcementError(RuntimeError):
-    """A kernel change failed; the message quotes the failing command."""
-
-
-@dataclass(frozen=True)
-class ChainRule:
-    """The one rule per family that sends blocked sources to the verdict."""
-
-    family: int
-    chain: str
-    set_name: str
-    ports: tuple[int, ...]
-    verdict: str
-
-    def spec(self):
-        """The rule as `iptables -S` prints it (no port match: all ports)."""
-        words = ["-p", "tcp"]
-        if self.ports:
-            words += ["-m", "multiport", "--dports", self.port_list()]
-        words += ["-m", "set", "--match-set", self.set_name, "src", "-j", self.verdict]
-        if self.verdict == "REJECT":
-            words += ["--reject-with", "tcp-reset"]
-        return " ".join(words)
-
-    def port_list(self):
-        """The protected ports as multiport writes them: `25,465,587`."""
-        return ",".join(str(port) for port in self.ports)
-
-    def build(self):
-        """The rule as a python-iptables object."""
-        rule = new_rule(self.family)
-        rule.protocol = "tcp"
-        if self.ports:
-            rule.create_match("multiport").dports = self.port_list()
-        rule.create_match("set").match_set = [self.set_name, "src"]
-        target = rule.create_target(self.verdict)
-        if self.verdict == "REJECT":
-            target.reject_with = "tcp-reset"
-        return rule
-
-    def jump(self):
-        """The INPUT rule that sends every packet through the chain."""
-        rule = new_rule(self.family)
-        rule.create_target(self.chain)
-        return rule
-
-
-def new_rule(family):
-    """An empty python-iptables rule of one family."""
-    return iptc.Rule() if family == 4 else iptc.Rule6()
-
-
-@contextmanager
-def filter_table(family):
-    """The legacy filter table of one family, read fresh; nothing auto-commits."""
-    table_class = iptc.Table if family == 4 else iptc.Table6
-    table = table_class(table_class.FILTER)
-    table.autocommit = False
-    table.refresh()
-    try:
-        yield table
-    finally:
-        # drop anything left uncommitted, then hand the cached table back as found
-        table.refresh()
-        table.autocommit = True
-
-
-@contextmanager
-def rule_change(family, command):
-    """A filter-table change, committed once; failures raise quoting `command`."""
-    try:
-        with filter_table(family) as table:
-            yield table
-            table.commit()
-    except iptc.IPTCError as exc:
-        log.error("kernel rule change failed: `%s`: %s", command, exc)
-        raise EnforcementError(f"`{command}` failed: {exc}") from exc
-
-
-def run(argv, batch=None):
-    """Run a command, returning its result; failing to start reads as exit 127."""
-    try:
-        return subprocess.run(
-            argv,
-            input=batch,
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return subprocess.CompletedProcess(argv, 127, "", str(exc))
 
 
 class KernelBackend:
@@ -142,41 +45,47 @@ class KernelBackend:
 
     def __init__(self, settings):
         """Rules and set names from the settings; nothing touches the kernel yet."""
-        ports = () if settings.all_ports else tuple(settings.ports)
-        if not settings.all_ports and not 1 <= len(ports) <= MULTIPORT_LIMIT:
-            raise ValueError(
-                f'enforcement.ports needs 1 to {MULTIPORT_LIMIT} ports, or "all"'
-            )
         self.sets = {4: settings.set_v4, 6: settings.set_v6}
         self.set_size = settings.set_size
-        self.ports = ports
-        self.rules = {
-            family: ChainRule(
-                family, settings.chain, self.sets[family], ports, settings.verdict
-            )
-            for family in FAMILIES
-        }
+        self.rules = chain_rules(settings, self.sets)
+        self.ports = self.rules[4].ports
+        self.driver = rules_driver(settings, self.rules)
         self._lock = threading.RLock()
 
     def setup(self):
-        """Create the sets, the chain, its rule and the jump where missing."""
+        """Create the sets, the chain, its rule and the jump where missing.
+
+        Returns what had to be put back, in words.
+        """
         with self._lock:
             _held, present = self._read_sets()
-            self._create_sets(present)
+            repaired = self._create_sets(present)
             for family in FAMILIES:
-                if not self._rule_in_place(family):
-                    self._install_rule(family)
+                if not self.driver.in_place(family):
+                    self.driver.install(family)
+                    chain = self.rules[family].chain
+                    repaired.append(f"IPv{family} rule of chain {chain}")
+            return repaired
 
-    def sync(self, desired):
-        """Make the sets hold exactly `desired` (entry -> seconds or None)."""
+    def sync(self, desired, check_rules=True):
+        """Make the sets hold exactly `desired` (entry -> seconds or None).
+
+        `check_rules=False` skips reading the rules back (two iptables-save
+        runs), for the syncs that follow a new block; reconcile passes check.
+        """
         with self._lock:
             held, present = self._read_sets()
-            if not self._in_place(present):
-                self.setup()
+            repaired = []
+            if not self._in_place(present, check_rules):
+                repaired = self.setup()
+            for what in repaired:
+                log.warning("kernel drift repaired: %s was missing and is back", what)
 
-            change = plan(held, desired)
+            change = fit(compare(held, wanted_state(desired)), held, self.set_size)
+            change.repaired = repaired
 
             self._restore(self._change_batch(change))
+            change.enforced = (held.keys() - set(change.removed)) | set(change.added)
             self._report(change)
             self.cut_connections(change.added)
             return change
@@ -184,31 +93,50 @@ class KernelBackend:
     def rebuild(self, desired):
         """Load `desired` into fresh sets and swap them in, all at once."""
         with self._lock:
-            self.setup()
+            for what in self.setup():
+                log.info("kernel: %s created", what)
             held, present = self._read_sets()
-            wanted = wanted_state(desired)
-            change = compare(held, wanted)
+            room = fit(compare({}, wanted_state(desired)), {}, self.set_size)
+            wanted = {entry: room.timeouts[entry] for entry in room.added}
+            change = compare(held, wanted) if held else room
+            change.overflow = room.overflow
 
             batch = []
             for family in FAMILIES:
                 batch += self._fresh_set_batch(family, wanted, present)
             self._restore(batch)
+            change.enforced = set(wanted)
             log.info("kernel sets rebuilt with %d entries", len(wanted))
             self._report(change)
             self.cut_connections(change.added)
             return change
 
-    def enforced(self):
-        """The entries the kernel holds right now, in sender text form."""
+    def matches(self, count):
+        """A cheap check: sets and rules in place, holding `count` entries.
+
+        Reads only the sets' headers (`ipset list -t`), so a reconcile pass
+        over 100,000 entries costs milliseconds; a mismatch calls for a sync.
+        """
         with self._lock:
-            held, _present = self._read_sets()
-            return set(held)
+            result = commands.run(["ipset", "list", "-t", *self.sets.values()])
+            if result.returncode != 0:
+                return False
+            held = sum(int(n) for n in ENTRY_COUNT.findall(result.stdout))
+            if held != count or len(ENTRY_COUNT.findall(result.stdout)) != 2:
+                return False
+            return all(self.driver.in_place(family) for family in FAMILIES)
+
+    def enforced(self):
+        """The entries the kernel enforces right now, in sender text form."""
+        with self._lock:
+            held, present = self._read_sets()
+            return set(held) if self._in_place(present) else set()
 
     def teardown(self):
         """Remove the jump, the chain and both sets."""
         with self._lock:
             for family in FAMILIES:
-                self._remove_rule(family)
+                self.driver.remove(family)
             _held, present = self._read_sets()
             swap_sets = {swap_name(name) for name in self.sets.values()}
             doomed = sorted((set(self.sets.values()) | swap_sets) & present)
@@ -221,7 +149,7 @@ class KernelBackend:
         covered ones (`ss -K`, which resets the peer) and deletes their
         conntrack flows. Returns the peer addresses that were cut.
         """
-        listing = entries and best_effort(
+        listing = entries and commands.best_effort(
             ["ss", "-Htn", "state", "established", *self._port_filter()]
         )
         if not listing:
@@ -235,13 +163,13 @@ class KernelBackend:
         for address in addresses:
             family = ["-f", "ipv6"] if ":" in address else []
             argv = ["conntrack", "-D", *family, "-p", "tcp", "-s", address]
-            best_effort(argv, harmless="0 flow entries")
+            commands.best_effort(argv, harmless="0 flow entries")
             log.info("%s: established connections cut", address)
         return addresses
 
     def _read_sets(self):
         """What our sets hold (entry -> timeout) and the names of all sets."""
-        result = run(["ipset", "save"])
+        result = commands.run(["ipset", "save"])
         if result.returncode != 0:
             raise self._failure("ipset save", result)
 
@@ -256,20 +184,21 @@ class KernelBackend:
                 log.warning("unreadable entry %s in set %s skipped", text, name)
         return held, present
 
-    def _in_place(self, present):
+    def _in_place(self, present, check_rules=True):
         """Whether both sets exist and both rules sit where they belong."""
         if not set(self.sets.values()) <= present:
             return False
-        return all(self._rule_in_place(family) for family in FAMILIES)
+        return not check_rules or all(
+            self.driver.in_place(family) for family in FAMILIES
+        )
 
     def _create_sets(self, present):
         """Create whichever of our two sets is missing, in one batch."""
-        batch = [
-            self._create_line(name, family)
-            for family, name in self.sets.items()
-            if name not in present
+        missing = [
+            (family, name) for family, name in self.sets.items() if name not in present
         ]
-        self._restore(batch)
+        self._restore([self._create_line(name, family) for family, name in missing])
+        return [f"set {name}" for _family, name in missing]
 
     def _create_line(self, name, family):
         """The ipset line that creates one family's set."""
@@ -304,7 +233,7 @@ class KernelBackend:
         """Apply ipset lines in one `ipset restore -exist` call."""
         if not batch:
             return
-        result = run(["ipset", "restore", "-exist"], "\n".join(batch) + "\n")
+        result = commands.run(["ipset", "restore", "-exist"], "\n".join(batch) + "\n")
         if result.returncode == 0:
             return
 
@@ -314,57 +243,6 @@ class KernelBackend:
             command += f", failing at `{batch[int(failed.group(1)) - 1]}`"
         raise self._failure(command, result)
 
-    def _rule_in_place(self, family):
-        """Whether the chain holds just our rule and INPUT jumps to it first."""
-        rule = self.rules[family]
-        with filter_table(family) as table:
-            if not table.is_chain(rule.chain):
-                return False
-            chain_rules = iptc.Chain(table, rule.chain).rules
-            input_rules = iptc.Chain(table, "INPUT").rules
-            jumps = [r for r in input_rules if r.target.name == rule.chain]
-            return (
-                chain_rules == [rule.build()]
-                and jumps == [rule.jump()] == input_rules[:1]
-            )
-
-    def _install_rule(self, family):
-        """Write the chain, its one rule and the jump at INPUT 1 in one commit."""
-        rule = self.rules[family]
-        tool = IPTABLES[family]
-        command = (
-            f"{tool} -N {rule.chain}; {tool} -A {rule.chain} {rule.spec()}; "
-            f"{tool} -I INPUT 1 -j {rule.chain}"
-        )
-        with rule_change(family, command) as table:
-            self._unhook(table, rule.chain)
-            if not table.is_chain(rule.chain):
-                table.create_chain(rule.chain)
-            chain = iptc.Chain(table, rule.chain)
-            chain.flush()
-            chain.append_rule(rule.build())
-            iptc.Chain(table, "INPUT").insert_rule(rule.jump())
-        log.info("%s: chain %s installed", tool, rule.chain)
-
-    def _remove_rule(self, family):
-        """Delete the jump and the chain in one commit, if they exist."""
-        rule = self.rules[family]
-        tool = IPTABLES[family]
-        command = f"{tool} -D INPUT -j {rule.chain}; {tool} -X {rule.chain}"
-        with rule_change(family, command) as table:
-            if table.is_chain(rule.chain):
-                self._unhook(table, rule.chain)
-                iptc.Chain(table, rule.chain).flush()
-                table.delete_chain(rule.chain)
-
-    @staticmethod
-    def _unhook(table, chain_name):
-        """Delete every INPUT rule that jumps to our chain."""
-        input_chain = iptc.Chain(table, "INPUT")
-        for rule in input_chain.rules:
-            if rule.target.name == chain_name:
-                input_chain.delete_rule(rule)
-
     def _kill_sockets(self, peer_texts):
         """Close our side of every established connection from these peers."""
         for start in range(0, len(peer_texts), CUT_CHUNK):
@@ -373,7 +251,9 @@ class KernelBackend:
                 f"dst [{text}]" if ":" in text else f"dst {text}" for text in chunk
             )
             expression = " and ".join([*self._port_filter(), f"( {peers} )"])
-            best_effort(["ss", "-K", "-Htn", "state", "established", expression])
+            commands.best_effort(
+                ["ss", "-K", "-Htn", "state", "established", expression]
+            )
 
     def _port_filter(self):
         """The ss expression for the protected ports, or none for all ports."""
@@ -383,7 +263,19 @@ class KernelBackend:
         return [f"( {ports} )"]
 
     def _report(self, change):
-        """Log what a sync did: a summary at INFO, each entry at DEBUG."""
+        """Log what a sync did: a summary at INFO, each entry at DEBUG.
+
+        Blocks left out of a full set are an error naming the first few and
+        the setting to raise.
+        """
+        if change.overflow:
+            log.error(
+                "kernel sets full (maxelem %d): %d blocks NOT enforced, first %s; "
+                "raise enforcement.set_size",
+                self.set_size,
+                len(change.overflow),
+                ", ".join(change.overflow[:5]),
+            )
         if change:
             log.info("kernel sets: %s", change.summary())
         for line in change.lines():
@@ -421,16 +313,6 @@ class BlockedIndex:
             if (int(address) >> host_bits) << host_bits in starts:
                 return True
         return False
-
-
-def best_effort(argv, harmless=None):
-    """Run a command whose failure is logged, not raised; its output, or None."""
-    result = run(argv)
-    if result.returncode == 0 or (harmless and harmless in result.stderr):
-        return result.stdout
-    detail = result.stderr.strip() or f"exit {result.returncode}"
-    log.warning("best-effort command failed: `%s`: %s", shlex.join(argv), detail)
-    return None
 
 
 def peers_of(listing):

@@ -30,12 +30,21 @@ CAPPED_SLACK = 86400
 
 @dataclass
 class Change:
-    """One sync as data: entries added, removed and re-timed, with their timeouts."""
+    """One sync as data: entries added, removed and re-timed, with their timeouts.
+
+    After the kernel applied it, `enforced` holds every entry the kernel
+    enforces (in its set, with its family's rule in place), `repaired` says
+    which sets or rules had to be put back, and `overflow` lists the entries
+    left out because their set was full.
+    """
 
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     retimed: list[str] = field(default_factory=list)
     timeouts: dict[str, int | None] = field(default_factory=dict, repr=False)
+    enforced: set[str] = field(default_factory=set, repr=False)
+    repaired: list[str] = field(default_factory=list)
+    overflow: list[str] = field(default_factory=list)
 
     def __bool__(self):
         """Whether the sync changes anything at all."""
@@ -143,3 +152,25 @@ def compare(held, wanted):
 
     timeouts = {entry: wanted[entry] for entry in added + retimed}
     return Change(added=added, removed=removed, retimed=retimed, timeouts=timeouts)
+
+
+def fit(change, held, room):
+    """Leave out of `change.added` what its set has no room for; returns `change`.
+
+    `room` is the most entries one set holds. Removals are counted first, and
+    permanent entries go in before temporary ones.
+    """
+    staying = {4: 0, 6: 0}
+    for entry in held.keys() - set(change.removed):
+        staying[family_of(entry)] += 1
+    kept = []
+    ordered = sorted(change.added, key=lambda e: change.timeouts[e] is not None)
+    for entry in ordered:
+        family = family_of(entry)
+        if staying[family] < room:
+            staying[family] += 1
+            kept.append(entry)
+        else:
+            change.overflow.append(entry)
+    change.added = sorted(kept)
+    return change

@@ -56,7 +56,7 @@ def wait_until(check, timeout, step=0.1):
 @pytest.fixture
 def gateway(tmp_path):
     """The lab, Postfix and the daemon, all removed afterwards."""
-    require_root_tools("ip", "ipset", "iptables-legacy", "postfix", "swaks")
+    require_root_tools("ip", "ipset", "iptables", "postfix", "swaks")
     config_path = write_config(tmp_path, RULES, backend="kernel")
     settings = config.load(config_path)
     models.connect(settings.database)
@@ -142,7 +142,7 @@ def test_harvester_blocked_clean_sender_not_and_admin_blocks_light_sender(gatewa
     assert block.expires_at - block.created_at == BLOCK_SECONDS
     sets = gateway["mx"].run("ipset", "list", gateway["settings"].set_v4).stdout
     assert re.search(rf"^{re.escape(HARVESTER)} timeout \d+$", sets, re.M), sets
-    rules = gateway["mx"].run("iptables-legacy", "-S", "SENDER_FILTER").stdout
+    rules = gateway["mx"].run("iptables", "-S", "SENDER_FILTER").stdout
     assert "--match-set sender_filter_v4 src" in rules
 
     # 2. a second sender still gets through, and its mail is accepted

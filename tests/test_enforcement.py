@@ -34,18 +34,19 @@ BACKEND_CALL = r"""
 import dataclasses, json, logging, sys
 from pathlib import Path
 from appliance.config import Settings
+from enforcement import commands as tools
 from enforcement import kernel
 
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
 request = json.load(sys.stdin)
 commands = []
-real_run = kernel.run
+real_run = tools.run
 
 def recorded_run(argv, batch=None):
     commands.append(argv)
     return real_run(argv, batch)
 
-kernel.run = recorded_run
+tools.run = recorded_run
 settings = Settings(path=Path("config.toml"), database=Path("unused.db"),
                     **request["settings"])
 backend = kernel.KernelBackend(settings)
@@ -54,7 +55,7 @@ if dataclasses.is_dataclass(result):
     result = dataclasses.asdict(result)
 elif isinstance(result, set):
     result = sorted(result)
-print(json.dumps({"result": result, "commands": commands}))
+print(json.dumps({"result": result, "commands": commands}, default=sorted))
 """
 
 # connects, reads the greeting, then reports whether the server cut it off
@@ -110,7 +111,7 @@ class Appliance:
 @pytest.fixture
 def lab():
     """A fresh lab, removed with everything in it when the test ends."""
-    require_root_tools("ip", "ipset", "iptables-legacy", "ip6tables-legacy")
+    require_root_tools("ip", "ipset", "iptables-nft", "ip6tables-nft")
     with Lab() as fresh:
         yield fresh
 
@@ -193,21 +194,21 @@ def test_drop_on_all_ports_silences_every_tcp_port(lab, gateway):
 
     assert not spammer.can_connect(APPLIANCE_V4, SMTP, timeout=1)
     assert not spammer.can_connect(APPLIANCE_V4, UNPROTECTED, timeout=1)
-    rules = appliance.shell("iptables-legacy", "-S", "SENDER_FILTER")
+    rules = appliance.shell("iptables", "-S", "SENDER_FILTER")
     assert (
         "-A SENDER_FILTER -p tcp -m set --match-set sender_filter_v4 src -j DROP"
         in rules
     )
 
 
-def test_chain_and_rule_show_in_iptables_legacy(appliance):
+def test_chain_and_rule_show_in_iptables(appliance):
     """setup twice leaves one chain, one rule and one jump per family."""
     appliance.call("setup")
     appliance.call("setup")
 
     for tool, set_name in (
-        ("iptables-legacy", "sender_filter_v4"),
-        ("ip6tables-legacy", "sender_filter_v6"),
+        ("iptables", "sender_filter_v4"),
+        ("ip6tables", "sender_filter_v6"),
     ):
         rules = appliance.shell(tool, "-S").splitlines()
         input_rules = [line for line in rules if line.startswith("-A INPUT")]
@@ -227,11 +228,11 @@ def test_chain_and_rule_show_in_iptables_legacy(appliance):
 def test_jump_moved_below_another_rule_goes_back_to_the_top(appliance):
     """A rule put above the jump by hand is seen; the jump goes back to INPUT 1."""
     appliance.call("setup")
-    appliance.shell("iptables-legacy", "-I", "INPUT", "1", "-p", "udp", "-j", "ACCEPT")
+    appliance.shell("iptables", "-I", "INPUT", "1", "-p", "udp", "-j", "ACCEPT")
 
     appliance.sync({})
 
-    rules = appliance.shell("iptables-legacy", "-S", "INPUT").splitlines()
+    rules = appliance.shell("iptables", "-S", "INPUT").splitlines()
     assert rules[1:] == ["-A INPUT -j SENDER_FILTER", "-A INPUT -p udp -j ACCEPT"]
 
 
@@ -305,14 +306,14 @@ def test_chain_and_set_deleted_by_hand_are_repaired_by_next_sync(lab, appliance)
         "-F SENDER_FILTER",
         "-X SENDER_FILTER",
     ):
-        appliance.shell("iptables-legacy", *command.split())
+        appliance.shell("iptables", *command.split())
     appliance.shell("ipset", "destroy", "sender_filter_v4")
     assert spammer.can_connect(APPLIANCE_V4, SMTP)
 
     appliance.sync({"198.51.100.7": None})
 
     assert not spammer.can_connect(APPLIANCE_V4, SMTP)
-    assert "-A INPUT -j SENDER_FILTER" in appliance.shell("iptables-legacy", "-S")
+    assert "-A INPUT -j SENDER_FILTER" in appliance.shell("iptables", "-S")
 
 
 def test_established_connection_is_cut_when_sender_is_blocked(lab, appliance):
@@ -349,8 +350,8 @@ def test_teardown_removes_chain_and_sets(appliance):
 
     appliance.call("teardown")
 
-    assert "SENDER_FILTER" not in appliance.shell("iptables-legacy", "-S")
-    assert "SENDER_FILTER" not in appliance.shell("ip6tables-legacy", "-S")
+    assert "SENDER_FILTER" not in appliance.shell("iptables", "-S")
+    assert "SENDER_FILTER" not in appliance.shell("ip6tables", "-S")
     assert appliance.shell("ipset", "list", "-n") == ""
 
 

@@ -14,13 +14,19 @@ from flask import render_template
 from flask import request
 from flask_wtf.csrf import CSRFError
 from flask_wtf.csrf import CSRFProtect
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from appliance.models import ApplianceState
 from appliance.models import db
 from appliance.timefmt import format_duration
+from web import activity
+from web import admins
 from web import api
+from web import approved
 from web import auth
 from web import blocks
+from web import overview
+from web import rules
 from web import sources
 from web import suspicious
 from web.dns import PtrLookup
@@ -40,6 +46,8 @@ def create_app(settings, test_config=None):
         SECRET_KEY=read_secret_key(settings.secret_key_file),
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        # Secure always with [web] https = true, else whenever served over HTTPS
+        SESSION_COOKIE_SECURE=settings.https,
         PERMANENT_SESSION_LIFETIME=timedelta(minutes=settings.session_minutes),
         WTF_CSRF_TIME_LIMIT=settings.session_minutes * 60,
     )
@@ -47,16 +55,28 @@ def create_app(settings, test_config=None):
         app.config.update(test_config)
 
     app.extensions["settings"] = settings
+    app.session_interface = auth.SessionCookies()
+    if settings.proxies:
+        app.wsgi_app = ProxyFix(
+            app.wsgi_app, x_for=settings.proxies, x_proto=settings.proxies
+        )
     app.extensions["ptr_lookup"] = PtrLookup(settings.nameservers, settings.dns_timeout)
     # the login guard runs before the CSRF check, so strangers go to the login page
     app.before_request(open_database)
+    app.before_request(auth.note_source)
     app.before_request(auth.require_login)
+    app.teardown_request(auth.forget_source)
     app.teardown_request(close_database)
     csrf.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(suspicious.bp)
     app.register_blueprint(blocks.bp)
+    app.register_blueprint(approved.bp)
+    app.register_blueprint(overview.bp)
     app.register_blueprint(sources.bp)
+    app.register_blueprint(rules.bp)
+    app.register_blueprint(admins.bp)
+    app.register_blueprint(activity.bp)
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)
     app.register_error_handler(CSRFError, form_expired)

@@ -4,8 +4,10 @@ import ipaddress
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait
+from dataclasses import dataclass
 
 import dns.exception
 import dns.nameserver
@@ -19,21 +21,55 @@ NO_NAME = "(no name)"
 TIMED_OUT = "(timed out)"
 # the longest a page waits for names, whatever the per-lookup timeout
 PAGE_BUDGET = 1.2
-# how long an answer is reused: a name, a failure, a timeout
-TTL = {"name": 3600.0, NO_NAME: 300.0, TIMED_OUT: 60.0}
-WORKERS = 64
-# past this many cached addresses, stale ones are dropped
+# how long an answer is reused, in seconds: a name (the record's TTL, kept
+# within these bounds), no name, a timeout
+NAME_TTL = (60.0, 3600.0)
+NO_NAME_TTL = 300.0
+TIMED_OUT_TTL = 60.0
+# enough threads to look up a whole 100-row page at once
+WORKERS = 100
+# the most addresses kept; past it the least recently shown are dropped
 CACHE_LIMIT = 20000
+# a longer name shows shortened, whole in its tooltip (a DNS name may have 253)
+SHOWN_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class DomainName:
+    """A PTR name as the page shows it: `shown` fits a column, `full` is all of it."""
+
+    full: str
+
+    @property
+    def shortened(self):
+        """Whether the column shows less than the whole name."""
+        return len(self.full) > SHOWN_LENGTH
+
+    @property
+    def shown(self):
+        """The name, or its start and end around an ellipsis when it is long."""
+        if not self.shortened:
+            return self.full
+        tail = SHOWN_LENGTH * 2 // 3
+        head = SHOWN_LENGTH - tail - 1
+        return self.full[:head] + "\u2026" + self.full[-tail:]
 
 
 class PtrLookup:
-    """Looks up PTR names in a thread pool and keeps them for a while."""
+    """Looks up PTR names in a thread pool and keeps them for a while.
 
-    def __init__(self, nameservers=(), timeout=1.0, clock=time.monotonic):
+    The cache holds names and failures alike, each until its TTL runs out,
+    and at most `cache_limit` addresses (least recently used go first).
+    """
+
+    def __init__(
+        self, nameservers=(), timeout=1.0, clock=time.monotonic, cache_limit=None
+    ):
         self.resolver = make_resolver(nameservers)
         self.timeout = timeout
         self.clock = clock
-        self.cache = {}
+        self.cache_limit = CACHE_LIMIT if cache_limit is None else cache_limit
+        self.cache = OrderedDict()
         self.pending = {}
         self.lock = threading.Lock()
         self.executor = None
@@ -53,6 +89,7 @@ class PtrLookup:
             for address in dict.fromkeys(addresses):
                 cached = self.cache.get(address)
                 if cached is not None and cached[1] > now:
+                    self.cache.move_to_end(address)
                     found[address] = cached[0]
                 elif address in self.pending:
                     futures[address] = self.pending[address]
@@ -81,34 +118,35 @@ class PtrLookup:
 
     def _lookup_and_keep(self, address):
         """Look one address up, then move it from pending to the cache."""
-        name = self._lookup(address)
+        name, ttl = self._lookup(address)
         with self.lock:
-            now = self.clock()
             self.pending.pop(address, None)
-            if len(self.cache) >= CACHE_LIMIT:
-                stale = [known for known, kept in self.cache.items() if kept[1] <= now]
-                for known in stale:
-                    del self.cache[known]
-            self.cache[address] = (name, now + TTL.get(name, TTL["name"]))
+            self.cache[address] = (name, self.clock() + ttl)
+            self.cache.move_to_end(address)
+            while len(self.cache) > self.cache_limit:
+                self.cache.popitem(last=False)
         return name
 
     def _lookup(self, address):
-        """One PTR query; never raises."""
+        """One PTR query: (the name or why none, seconds to keep it); never raises."""
         if self.resolver is None:
-            return NO_NAME
+            return NO_NAME, NO_NAME_TTL
         try:
             answer = self.resolver.resolve_address(address, lifetime=self.timeout)
         except dns.resolver.LifetimeTimeout:
             log.debug("%s PTR lookup timed out", address)
-            return TIMED_OUT
+            return TIMED_OUT, TIMED_OUT_TTL
         except dns.exception.DNSException as exc:
             log.debug("%s PTR lookup failed: %s", address, exc)
-            return NO_NAME
+            return NO_NAME, NO_NAME_TTL
         except Exception:
             log.exception("%s PTR lookup failed unexpectedly", address)
-            return NO_NAME
+            return NO_NAME, NO_NAME_TTL
         names = [record.target.to_text(omit_final_dot=True) for record in answer]
-        return names[0] if names else NO_NAME
+        if not names:
+            return NO_NAME, NO_NAME_TTL
+        low, high = NAME_TTL
+        return names[0], min(max(float(answer.rrset.ttl), low), high)
 
 
 def make_resolver(nameservers):

@@ -24,6 +24,7 @@ from appliance.queries import SuspiciousQuery
 from appliance.queries import active_blocks_for
 from appliance.timefmt import format_duration
 from appliance.timefmt import parse_duration
+from web.dns import DomainName
 from web.dns import lookup_address
 
 bp = Blueprint("suspicious", __name__)
@@ -116,7 +117,7 @@ def domain_names(rows):
     lookup = current_app.extensions["ptr_lookup"]
     wanted = {entry.sender: lookup_address(entry.sender) for entry in rows}
     found = lookup.names(wanted.values())
-    return {sender: found[address] for sender, address in wanted.items()}
+    return {sender: DomainName(found[address]) for sender, address in wanted.items()}
 
 
 def check_block_form(action, ticked, duration_text):

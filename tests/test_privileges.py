@@ -1,0 +1,193 @@
+"""The privilege split: the daemon holds CAP_NET_ADMIN only, the console nothing.
+
+`sender-filter run` is started in a lab namespace as the unprivileged user
+`nobody` with `setpriv`, holding CAP_NET_ADMIN as its only (ambient)
+capability, and must still get blocks into the kernel. The console runs as
+`nobody` with no capability at all; its block request must reach the kernel
+in under a second. Every database access in this test is made by those
+unprivileged processes, so the files they share stay theirs.
+"""
+
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import require
+from conftest import require_root_tools
+from netns import REPO
+from netns import Lab
+
+from tests.conftest import write_config
+
+MX = "192.0.2.1"
+SPAMMER = "198.51.100.7"
+USER = "nobody"
+CAP_NET_ADMIN = 1 << 12
+
+# the console's part: log in, tick the spammer's entry, Block Permanently
+CONSOLE = r"""
+import json, os, re, sys, time
+from appliance import addresses, config, models, service
+from appliance.models import SuspiciousEntry
+from web import create_app
+
+settings = config.load(sys.argv[1])
+models.connect(settings.database)
+service.configure(settings)
+password = service.add_admin("alice")
+now = time.time()
+entry = SuspiciousEntry.create(
+    sender=sys.argv[2], sender_key=addresses.key_of(addresses.parse_ip(sys.argv[2])),
+    threat_type="spam", first_seen=now - 60, last_seen=now, violations=3,
+    messages=5, rate=60.0,
+)
+client = create_app(settings).test_client()
+token = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', client.get("/login").text)
+client.post("/login", data={"username": "alice", "password": password,
+                            "csrf_token": token.group(1)})
+page = client.get("/")
+token = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page.text).group(1)
+clicked = time.time()
+answer = client.post("/suspicious/block", data={
+    "entry": str(entry.id), "action": "permanent", "csrf_token": token, "back": ""})
+status = open("/proc/self/status").read()
+caps = re.search(r"^CapEff:\s+(\S+)", status, re.M).group(1)
+print(json.dumps({"clicked": clicked, "status": answer.status_code,
+                  "caps": int(caps, 16), "uid": os.getuid()}))
+"""
+
+
+def python_for(user):
+    """An interpreter `user` may run, and PYTHONPATH for the venv's packages.
+
+    A venv built on an interpreter under /root (pyenv) is unreadable to other
+    users; Debian's own python3 of the same version then runs the same code.
+    """
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = sysconfig.get_paths()["purelib"]
+    for candidate in (os.path.realpath(sys.executable), f"/usr/bin/{version}"):
+        if Path(candidate).exists() and readable_by_all(candidate):
+            return candidate, f"{REPO}:{site}"
+    require(False, f"no {version} interpreter that {user} may run")
+
+
+def readable_by_all(path):
+    """Whether every directory above `path` is searchable and it is executable."""
+    path = Path(path)
+    if not os.stat(path).st_mode & 0o001:
+        return False
+    return all(os.stat(parent).st_mode & 0o001 for parent in path.parents)
+
+
+def as_user(caps, *argv):
+    """`setpriv` words that run argv as `nobody` holding exactly `caps`."""
+    granted = ",".join(f"+{cap}" for cap in caps) or "-all"
+    bounding = ",".join(["-all", *(f"+{cap}" for cap in caps)])
+    return [
+        "setpriv",
+        f"--reuid={USER}",
+        "--regid=nogroup",
+        "--init-groups",
+        f"--inh-caps={granted}" if caps else "--inh-caps=-all",
+        f"--ambient-caps={granted}" if caps else "--ambient-caps=-all",
+        f"--bounding-set={bounding}",
+        "--no-new-privs",
+        *argv,
+    ]
+
+
+@pytest.fixture
+def shared_directory():
+    """A directory `nobody` owns for the database; removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix="sf-privileges-", dir="/tmp"))
+    directory.chmod(0o755)
+    shutil.chown(directory, USER, "nogroup")
+    yield directory
+    shutil.rmtree(directory)
+
+
+def test_daemon_with_only_net_admin_enforces_and_console_needs_nothing(
+    shared_directory,
+):
+    require_root_tools("ip", "ipset", "iptables", "nft", "setpriv")
+    python, path = python_for(USER)
+    config_path = write_config(shared_directory, backend="kernel")
+    shutil.chown(config_path, USER, "nogroup")
+    env = ["env", f"PYTHONPATH={path}"]
+    cli = [python, "-m", "appliance.cli"]
+
+    with Lab() as lab:
+        mx = lab.add_host("mx", MX)
+        spammer = lab.add_host("spammer", SPAMMER)
+        mx.listen(25)
+        init = mx.run(
+            *as_user([], *env, *cli, "init", "--config", str(config_path)),
+            check=False,
+        )
+        assert init.returncode == 0, init.stderr
+        # as the service's privileged ExecStartPre does (see docs/enforcement.md)
+        setup = mx.run(
+            *env,
+            python,
+            "-m",
+            "enforcement",
+            "setup",
+            "--config",
+            str(config_path),
+            check=False,
+        )
+        assert setup.returncode == 0, setup.stderr
+        log_path = shared_directory / "daemon.log"
+        with open(log_path, "w") as output:
+            daemon = mx.spawn_logged(
+                output,
+                *as_user(
+                    ["net_admin"], *env, *cli, "run", "--config", str(config_path)
+                ),
+            )
+        deadline = time.monotonic() + 15
+        while "following" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "following" in log_path.read_text(), log_path.read_text()
+        daemon_status = Path(f"/proc/{daemon.pid}/status").read_text()
+
+        console = mx.run(
+            *as_user([], *env, python, "-c", CONSOLE, str(config_path), SPAMMER),
+            check=False,
+        )
+        assert console.returncode == 0, console.stderr
+        answer = json.loads(console.stdout)
+        in_kernel = None
+        while in_kernel is None and time.time() - answer["clicked"] < 5:
+            test = mx.run("ipset", "test", "sender_filter_v4", SPAMMER, check=False)
+            if test.returncode == 0:
+                in_kernel = time.time()
+        took = in_kernel - answer["clicked"] if in_kernel else None
+        refused = not spammer.can_connect(MX, 25, timeout=1)
+        rules = mx.run("iptables", "-S", "SENDER_FILTER").stdout
+        print(f"console block in the kernel {took:.3f} s after the click")
+        print(log_path.read_text()[-3000:])
+
+    assert capability_line(daemon_status, "Uid") == "65534"
+    assert int(capability_line(daemon_status, "CapEff"), 16) == CAP_NET_ADMIN
+    assert int(capability_line(daemon_status, "CapBnd"), 16) == CAP_NET_ADMIN
+    assert "enforcement: kernel" in log_path.read_text()
+    assert " ERROR " not in log_path.read_text()
+    assert (answer["status"], answer["caps"], answer["uid"]) == (302, 0, 65534)
+    assert took is not None and took < 1.0
+    assert refused
+    assert "--match-set sender_filter_v4 src -j REJECT" in rules
+
+
+def capability_line(status, key):
+    """The first value of one `Key:` line of /proc/PID/status."""
+    for line in status.splitlines():
+        if line.startswith(f"{key}:"):
+            return line.split()[1]
+    return None
