@@ -123,6 +123,14 @@ class Correlator:
                 self.prune()
         return handler(record)
 
+    def feed_lines(self, lines):
+        """The MailEvents a batch of lines produces, in order."""
+        events = []
+        feed = self.feed
+        for line in lines:
+            events += feed(line)
+        return events
+
     def _session_edge(self, record):
         """A postscreen client comes or goes: its reject group is over."""
         self.groups.pop(record.session, None)
