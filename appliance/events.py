@@ -1,11 +1,12 @@
 """What a log source hands the profiler: one event per counted fact."""
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class MailEvent:
+class MailEvent(NamedTuple):
     """Something a sender IP did, at event time `ts` (epoch seconds, UTC).
+
+    A named tuple: cheap to make, and to send between processes in bulk.
 
     `message` is 1 when this event is a new SMTP transaction from the IP, 0
     when it adds to one already counted (a verdict, more recipients).

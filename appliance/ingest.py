@@ -10,8 +10,11 @@ produced, so a crash or restart neither loses nor double-counts a line.
 import fcntl
 import json
 import logging
+import multiprocessing
 import os
+import signal
 import time
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -28,6 +31,7 @@ from appliance.sources.follow import rotation_of
 log = logging.getLogger(__name__)
 
 BATCH_LINES = 5000
+CATCH_UP_LINES = 20000
 FILES_READ = "files-read:"
 
 
@@ -127,22 +131,33 @@ class Source:
         )
         return json.loads(saved.state) if saved else []
 
-    def save(self):
-        """Write the position, decoder state and line counters (in a transaction).
-
-        The files read before go to a row of their own, written when it changes.
-        """
+    def snapshot(self):
+        """Where reading stands after the lines decoded so far, ready to save."""
         inode, head, offset = self.file.position()
         state = {"head": head, "decoder": self.decoder.dump()}
-        SourcePosition.replace(
-            path=self.path,
+        return Snapshot(
             inode=inode,
             offset=offset,
             state=json.dumps(state, separators=(",", ":")),
+            known=[list(entry) for entry in self.file.known],
+            lines=self.decoder.lines,
+            skipped=self.decoder.skipped,
+        )
+
+    def save(self, snapshot):
+        """Write a snapshot: position, decoder state, line counters (in a transaction).
+
+        The files read before go to a row of their own, written when it changes.
+        """
+        SourcePosition.replace(
+            path=self.path,
+            inode=snapshot.inode,
+            offset=snapshot.offset,
+            state=snapshot.state,
             updated_at=time.time(),
         ).execute()
-        if self.file.known != self.known:
-            self.known = [list(entry) for entry in self.file.known]
+        if snapshot.known != self.known:
+            self.known = snapshot.known
             SourcePosition.replace(
                 path=FILES_READ + self.path,
                 inode=0,
@@ -150,8 +165,8 @@ class Source:
                 state=json.dumps(self.known, separators=(",", ":")),
                 updated_at=time.time(),
             ).execute()
-        lines = self.decoder.lines - self.counted_lines
-        skipped = self.decoder.skipped - self.counted_skipped
+        lines = snapshot.lines - self.counted_lines
+        skipped = snapshot.skipped - self.counted_skipped
         SourceCounter.insert(path=self.path, lines=lines, skipped=skipped).on_conflict(
             conflict_target=[SourceCounter.path],
             update={
@@ -159,8 +174,8 @@ class Source:
                 SourceCounter.skipped: SourceCounter.skipped + skipped,
             },
         ).execute()
-        self.counted_lines = self.decoder.lines
-        self.counted_skipped = self.decoder.skipped
+        self.counted_lines = snapshot.lines
+        self.counted_skipped = snapshot.skipped
 
     def close(self):
         """Close the file being read."""
@@ -178,14 +193,103 @@ class Pipeline:
         lines = source.file.lines(limit)
         if not lines:
             return 0
-
-        with db.atomic():
-            for text, _offset in lines:
-                for event in source.decoder.feed(text):
-                    self.profiler.process(event)
-            self.profiler.flush()
-            source.save()
+        events = source.decoder.feed_lines(lines)
+        self.commit(source, events, source.snapshot())
         return len(lines)
+
+    def commit(self, source, events, snapshot):
+        """Count a batch's events and save where its source stands, in one go."""
+        process = self.profiler.process
+        with db.atomic():
+            for event in events:
+                process(event)
+            self.profiler.flush()
+            source.save(snapshot)
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A source after a batch: its read position and decoder, as saved."""
+
+    inode: int
+    offset: int
+    state: str
+    known: list
+    lines: int
+    skipped: int
+
+
+@dataclass(slots=True)
+class Batch:
+    """Lines decoded ahead by the reading process, and where that left the source."""
+
+    lines: int
+    events: list
+    snapshot: Snapshot
+    progress: tuple
+    reading: list
+
+
+class ReadAhead:
+    """Reads and decodes a source in a child process, a batch ahead of counting.
+
+    Catching up is one long stream: on two or more cores, decoding the next
+    batch overlaps with counting and committing this one. Each batch carries
+    the source's position and decoder state after it, which the parent saves
+    with the batch's counts, so exactly-once holds as in `Pipeline.step`.
+    The child touches no database; it stops when the parent goes away.
+    """
+
+    def __init__(self, source, limit=CATCH_UP_LINES):
+        context = multiprocessing.get_context("fork")
+        self.receiving, sending = context.Pipe(duplex=False)
+        self.child = context.Process(
+            target=_decode_ahead, args=(source, sending, limit), daemon=True
+        )
+        self.child.start()
+        sending.close()
+
+    def __iter__(self):
+        """The batches in order, until the source is read to its end."""
+        while True:
+            try:
+                batch = self.receiving.recv()
+            except EOFError:
+                raise RuntimeError("the log reading process died") from None
+            if batch is None:
+                return
+            if isinstance(batch, str):
+                raise RuntimeError(f"reading the log failed: {batch}")
+            yield batch
+
+    def close(self):
+        """Stop the child if it still runs."""
+        self.receiving.close()
+        if self.child.is_alive():
+            self.child.terminate()
+        self.child.join()
+
+
+def _decode_ahead(source, sending, limit):
+    """The child's loop: read, decode, send each batch with its snapshot."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        while lines := source.file.lines(limit):
+            events = source.decoder.feed_lines(lines)
+            batch = Batch(
+                len(lines),
+                events,
+                source.snapshot(),
+                source.file.progress(),
+                source.file.queued()[:1],
+            )
+            sending.send(batch)
+        sending.send(None)
+    except BrokenPipeError:
+        return
+    except Exception as exc:  # reported to the parent, which stops with it
+        log.exception("reading %s failed", source.path)
+        sending.send(f"{type(exc).__name__}: {exc}")
 
 
 class LinesProgress:
@@ -263,18 +367,22 @@ def catch_up(pipeline, source, progress):
     """Read one source's queued files to their end; returns its counts."""
     first_lines, first_skipped = source.counted_lines, source.counted_skipped
     files = source.file.queued()
+    # the reading process starts before the progress bar's thread does
+    ahead = ReadAhead(source)
     bar = LinesProgress(source.path, progress)
     try:
-        while read := pipeline.step(source):
-            bar.advance(read, *source.file.progress(), source.file.queued()[:1])
+        for batch in ahead:
+            pipeline.commit(source, batch.events, batch.snapshot)
+            bar.advance(batch.lines, *batch.progress, batch.reading)
     finally:
+        ahead.close()
         bar.close()
         source.close()
     return {
         "path": source.path,
         "files": files,
-        "lines": source.decoder.lines - first_lines,
-        "skipped": source.decoder.skipped - first_skipped,
+        "lines": source.counted_lines - first_lines,
+        "skipped": source.counted_skipped - first_skipped,
     }
 
 

@@ -357,15 +357,15 @@ class Profiler:
 
     def process(self, event):
         """Count one MailEvent and act on any rule it makes the sender cross."""
-        sender = self._sender(event.ip)
-        violations = event.violations
-        mask, stored = self._violation_form(violations) if violations else (0, "")
-        ts = event.ts
+        ts, ip, message, violations, recipients, unknown = event
+        sender = self.senders.get(ip) or self._sender(ip)
+        if violations:
+            mask, stored = self._violation_form(violations)
+        else:
+            mask, stored = 0, ""
         history = self._history(sender)
-        history.add(ts, event.message, mask, event.recipients, event.unknown)
-        self.pending_rows.append(
-            (sender, ts, event.message, stored, event.recipients, event.unknown)
-        )
+        history.add(ts, message, mask, recipients, unknown)
+        self.pending_rows.append((sender, ts, message, stored, recipients, unknown))
         if ts > self.now:
             self.now = ts
 
@@ -373,7 +373,7 @@ class Profiler:
         episodes = self.episodes.get(sender)
         if episodes is None and not violations:
             return
-        network, key = self._network(sender, event.ip)
+        network, key = self._network(sender, ip)
         opened = False
         for threat_type in THREAT_TYPES:
             # a step changes its own type's episode only: `episodes`, read

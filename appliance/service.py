@@ -13,7 +13,6 @@ import subprocess
 import time
 from dataclasses import asdict
 
-from peewee import fn
 from werkzeug.security import generate_password_hash
 
 from appliance import addresses
@@ -35,6 +34,13 @@ MAX_DURATION = 30 * 86400
 # API's client address (set per request), the CLI's user (set once); None for
 # the daemon's own decisions
 acting_from = contextvars.ContextVar("acting_from", default=None)
+# plain SQL for the checks made before every block (Peewee's query building
+# costs more than the query): the key index finds the candidates
+ACTIVE_BLOCK = (
+    f"SELECT id FROM {Block._meta.table_name} WHERE key_first <= ? "
+    "AND key_last >= ? AND lifted_at IS NULL "
+    "AND (expires_at IS NULL OR expires_at > ?) ORDER BY id LIMIT 1"
+)
 
 
 class Refused(Exception):
@@ -116,12 +122,12 @@ def repeat_offence(target, now):
     period = _repeat[0] if _repeat else 0
     if not period:
         return 1
-    earlier = Block.select(fn.COUNT(Block.id)).where(
-        (Block.target == target)
-        & (Block.created_at > now - period)
-        & (Block.created_at <= now)
+    earlier = db.execute_sql(
+        f"SELECT COUNT(*) FROM {Block._meta.table_name} WHERE target = ? "
+        "AND created_at > ? AND created_at <= ?",
+        (target, now - period, now),
     )
-    return earlier.scalar() + 1
+    return earlier.fetchone()[0] + 1
 
 
 def repeat_duration(duration, offence):
@@ -137,7 +143,7 @@ def audit(actor, action, target, detail=""):
         first, last = addresses.key_range(addresses.parse_network(target))
     except addresses.AddressError:
         first = last = None
-    AuditEntry.create(
+    AuditEntry.insert(
         actor=actor,
         action=action,
         target=target,
@@ -145,17 +151,18 @@ def audit(actor, action, target, detail=""):
         source=acting_from.get(),
         key_first=first,
         key_last=last,
-    )
+    ).execute()
 
 
 def approved_overlapping(network):
     """The approved entry sharing an address with `network`, if any."""
     first, last = addresses.key_range(network)
-    return (
-        ApprovedHost.select()
-        .where((ApprovedHost.key_first <= last) & (ApprovedHost.key_last >= first))
-        .first()
-    )
+    table = ApprovedHost._meta.table_name
+    row = db.execute_sql(
+        f"SELECT id FROM {table} WHERE key_first <= ? AND key_last >= ? LIMIT 1",
+        (last, first),
+    ).fetchone()
+    return None if row is None else ApprovedHost.get_by_id(row[0])
 
 
 def block_network(network, *, threat_type, duration, actor, reason, now=None):
@@ -176,19 +183,21 @@ def block_network(network, *, threat_type, duration, actor, reason, now=None):
         if offence > 1 and duration and actor.startswith("rule:"):
             duration = repeat_duration(duration, offence)
             reason = f"{reason}; repeat offence {offence}"
-        block = Block.create(
-            target=target,
-            key_first=first,
-            key_last=last,
-            threat_type=threat_type,
-            action="temporary" if duration else "permanent",
-            created_at=now,
-            expires_at=now + duration if duration else None,
-            created_by=actor,
-            reason=reason,
-            changed_at=time.time(),
-            offence=offence,
-        )
+        fields = {
+            "target": target,
+            "key_first": first,
+            "key_last": last,
+            "threat_type": threat_type,
+            "action": "temporary" if duration else "permanent",
+            "created_at": now,
+            "expires_at": now + duration if duration else None,
+            "created_by": actor,
+            "reason": reason,
+            "changed_at": time.time(),
+            "offence": offence,
+        }
+        # insert() rather than create(): blocks made by rules come in bursts
+        block = Block(id=Block.insert(**fields).execute(), **fields)
         audit(actor, "block", target, f"{format_duration(duration)}: {reason}")
         mark_entries_blocked(block)
     log.info("%s blocked %s (%s)", target, format_duration(duration), reason)
@@ -197,12 +206,12 @@ def block_network(network, *, threat_type, duration, actor, reason, now=None):
 
 def mark_entries_blocked(block):
     """Point the covered senders' unblocked entries at a new block."""
-    covered = (SuspiciousEntry.sender_key >= block.key_first) & (
-        SuspiciousEntry.sender_key <= block.key_last
+    db.execute_sql(
+        f"UPDATE {SuspiciousEntry._meta.table_name} SET status = 'blocked', "
+        "block_id = ? WHERE sender_key >= ? AND sender_key <= ? "
+        "AND status IN ('suspicious', 'monitored')",
+        (block.id, block.key_first, block.key_last),
     )
-    SuspiciousEntry.update(status="blocked", block=block).where(
-        covered & SuspiciousEntry.status.in_(("suspicious", "monitored"))
-    ).execute()
 
 
 def block(text, *, duration, actor, reason="", threat_type="manual"):
@@ -220,16 +229,8 @@ def active_block(network, now=None):
     """The block in force at `now` whose range equals or covers `network`."""
     now = time.time() if now is None else now
     first, last = addresses.key_range(network)
-    return (
-        Block.select()
-        .where(
-            Block.lifted_at.is_null()
-            & (Block.expires_at.is_null() | (Block.expires_at > now))
-            & (Block.key_first <= first)
-            & (Block.key_last >= last)
-        )
-        .first()
-    )
+    row = db.execute_sql(ACTIVE_BLOCK, (first, last, now)).fetchone()
+    return None if row is None else Block.get_by_id(row[0])
 
 
 def unblock(text, *, actor, reason="unblocked"):

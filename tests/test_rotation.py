@@ -29,7 +29,7 @@ def line(n):
 
 def numbers(read):
     """The line numbers in what LogFile.lines returned."""
-    return [int(text.split("[", 1)[1].split("]", 1)[0]) for text, _offset in read]
+    return [int(text.split("[", 1)[1].split("]", 1)[0]) for text in read]
 
 
 def append(path, first, last):

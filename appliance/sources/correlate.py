@@ -16,13 +16,38 @@ pipeline can save it in the same database transaction as the counts.
 """
 
 import logging
+import re
 
 from appliance.events import MailEvent
 from appliance.sources import logline
 from appliance.sources import maillog
+from appliance.sources import postfix
 from appliance.sources.timestamps import StampReader
 
 log = logging.getLogger(__name__)
+
+# The commonest Postfix lines, after the time stamp, each ending in a marker
+# group that names it (`lastgroup`). Each is read exactly as `maillog.parse`
+# would read it; lines of another form, or that nearly match, go there.
+PID = r"\[\d{1,10}\]: "
+QID = logline.QUEUE_ID
+HOT = re.compile(
+    r"\S+ (?:"
+    # delivery agents and cleanup's message-id: understood, nothing to count
+    rf"(?:postfix/(?:lmtp|smtp|local|virtual|pipe|error|bounce){PID}"
+    rf"|postfix/cleanup{PID}(?:{QID}): message-id=)(?P<ignored>)"
+    rf"|postfix/qmgr{PID}(?:(?P<removed_id>{QID}): removed$(?P<removed>)"
+    rf"|(?P<queued_id>{QID}): from=<(?P<from>[^>]{{0,320}})>, "
+    r"size=\d+, nrcpt=(?P<nrcpt>\d{1,6}) (?P<queued>))"
+    rf"|amavis{PID}(?:\([\w.-]{{1,40}}\) )?Passed CLEAN (?P<clean>)"
+    rf"|(?P<smtpd>postfix/smtpd\[\d{{1,10}}\]): (?:"
+    rf"connect from {postfix.CLIENT_AT_NAMED.format(name='connect_ip')}(?P<connect>)"
+    rf"|disconnect from {postfix.CLIENT_AT_NAMED.format(name='disconnect_ip')}"
+    r"(?P<disconnect>)"
+    rf"|(?P<client_id>{QID}): client="
+    rf"{postfix.CLIENT_AT_NAMED.format(name='client_ip')}(?:,|$)(?P<client>))"
+    r")"
+)
 
 STATE_VERSION = 1
 QUEUED_LIFETIME = 2 * 86400.0
@@ -90,23 +115,81 @@ class Correlator:
         self.newest = 0.0
         self.pruned_at = 0.0
         self.handlers = {
-            logline.CONNECT: self._connect,
-            logline.DISCONNECT: self._disconnect,
+            logline.CONNECT: self._connect_record,
+            logline.DISCONNECT: self._disconnect_record,
             logline.SESSION_EDGE: self._session_edge,
-            logline.CLIENT: self._client,
+            logline.CLIENT: self._client_record,
             logline.RCPT_REJECT: self._rcpt_reject,
             logline.VRFY_REJECT: self._vrfy_reject,
             logline.MAIL_REJECT: self._mail_reject,
             logline.DATA_REJECT: self._data_reject,
             logline.CONTENT_REJECT: self._content_reject,
-            logline.QUEUED: self._queued,
+            logline.QUEUED: self._queued_record,
             logline.REMOVED: self._removed,
             logline.VERDICT: self._verdict,
         }
 
     def feed(self, line):
         """The MailEvents one log line produces (often none); never raises."""
-        self.lines += 1
+        return self.feed_lines((line,))
+
+    def feed_lines(self, lines):
+        """The MailEvents a batch of lines produces, in order; never raises.
+
+        The commonest Postfix lines, those HOT knows, are read with one match
+        and handled here; every other line goes through `maillog.parse`.
+        """
+        events = []
+        self.lines += len(lines)
+        stamps = self.stamps
+        hot = HOT.match
+        known_address = logline.known_address
+        group = HOT.groupindex
+        removed_id, queued_id, sender = (
+            group["removed_id"],
+            group["queued_id"],
+            group["from"],
+        )
+        nrcpt, smtpd, client_id = group["nrcpt"], group["smtpd"], group["client_id"]
+        connect_ip, client_ip = group["connect_ip"], group["client_ip"]
+        for line in lines:
+            if line.startswith(stamps.last_prefix):
+                stamp = stamps.last_found
+            else:
+                stamp = stamps.read(line)
+            found = None if stamp is None else hot(line, stamp[1])
+            if found is None:
+                events += self._feed_parsed(line)
+                continue
+            kind = found.lastgroup
+            if kind == "ignored":
+                continue
+            ts = stamp[0]
+            if ts > self.newest:
+                self.newest = ts
+                if ts - self.pruned_at >= PRUNE_EVERY:
+                    self.prune()
+            if kind == "clean":
+                # amavis found nothing: the transaction is charged nothing more
+                continue
+            if kind == "removed":
+                self.queue.pop(found[removed_id], None)
+            elif kind == "connect":
+                self._connect(found[smtpd], known_address(found[connect_ip]), ts)
+            elif kind == "client":
+                ip = known_address(found[client_ip])
+                events += self._client(found[client_id], found[smtpd], ip, ts)
+            elif kind == "queued":
+                recipients = int(found[nrcpt])
+                events += self._queued(found[queued_id], found[sender], recipients, ts)
+            else:
+                ip = known_address(found["disconnect_ip"])
+                counters = postfix.session_counters(line, found.end())
+                events += self._disconnect(found[smtpd], ip, counters, ts)
+        return events
+
+    def _feed_parsed(self, line):
+        """The MailEvents of a line read by `maillog.parse`."""
         record = maillog.parse(line, self.stamps)
         kind = record.kind
         if kind == logline.SKIPPED:
@@ -128,27 +211,35 @@ class Correlator:
         self.groups.pop(record.session, None)
         return []
 
-    def _connect(self, record):
-        """smtpd connect: a new session, with nothing charged to it yet."""
-        self.groups.pop(record.session, None)
-        if record.ip is None:
-            self.sessions.pop(record.session, None)
-        else:
-            self.sessions[record.session] = Session(record.ip, record.ts)
+    def _connect_record(self, record):
+        """smtpd connect, as `maillog.parse` reads it."""
+        self._connect(record.session, record.ip, record.ts)
         return []
 
-    def _disconnect(self, record):
+    def _connect(self, process, ip, ts):
+        """smtpd connect: a new session, with nothing charged to it yet."""
+        self.groups.pop(process, None)
+        if ip is None:
+            self.sessions.pop(process, None)
+        else:
+            self.sessions[process] = Session(ip, ts)
+
+    def _disconnect_record(self, record):
+        """smtpd disconnect, as `maillog.parse` reads it."""
+        return self._disconnect(record.session, record.ip, record.counters, record.ts)
+
+    def _disconnect(self, process, ip, counters, ts):
         """smtpd disconnect: add what the session's counters show beyond its lines.
 
         Transactions: accepted MAIL commands beyond those charged. Recipients:
         RCPT commands beyond those charged; the session's queue IDs that have
         not reached qmgr yet are settled here, and their qmgr line adds none.
         """
-        self.groups.pop(record.session, None)
-        session = self.sessions.pop(record.session, None)
-        if session is None or session.ip != record.ip or record.counters is None:
+        self.groups.pop(process, None)
+        session = self.sessions.pop(process, None)
+        if session is None or session.ip != ip or counters is None:
             return []
-        accepted_mail, rcpt_commands = record.counters
+        accepted_mail, rcpt_commands = counters
         for queue_id in session.queue_ids:
             transaction = self.queue.get(queue_id)
             if transaction is not None and QUEUED not in transaction.flags:
@@ -158,26 +249,30 @@ class Correlator:
         recipients = max(rcpt_commands - session.recipients, 0)
         if not (missing or recipients):
             return []
-        events = [MailEvent(record.ts, record.ip, min(missing, 1), (), recipients)]
-        events += [MailEvent(record.ts, record.ip, 1) for _ in range(missing - 1)]
+        events = [MailEvent(ts, ip, min(missing, 1), (), recipients)]
+        events += [MailEvent(ts, ip, 1) for _ in range(missing - 1)]
         return events
 
-    def _client(self, record):
+    def _client_record(self, record):
+        """smtpd `client=`, as `maillog.parse` reads it."""
+        return self._client(record.queue_id, record.session, record.ip, record.ts)
+
+    def _client(self, queue_id, process, ip, ts):
         """A queue file: a new transaction, or the open reject group's one."""
-        if record.queue_id in self.queue:
+        if queue_id in self.queue:
             return []
-        session = self._session_of(record)
+        session = self._session_of(process, ip)
         if session is not None:
-            session.queue_ids.append(record.queue_id)
-        group = self.groups.pop(record.session, None)
-        if group is not None and group.ip == record.ip:
-            group.ts = record.ts
-            group.session = record.session
-            self.queue[record.queue_id] = group
+            session.queue_ids.append(queue_id)
+        group = self.groups.pop(process, None)
+        if group is not None and group.ip == ip:
+            group.ts = ts
+            group.session = process
+            self.queue[queue_id] = group
             return []
-        transaction = Transaction(record.ip, None, record.ts, session=record.session)
-        self.queue[record.queue_id] = transaction
-        return self._charge(record, transaction, 1, session=session)
+        transaction = Transaction(ip, None, ts, session=process)
+        self.queue[queue_id] = transaction
+        return self._charge(ts, transaction, 1, session=session)
 
     def _rcpt_reject(self, record):
         """A rejected recipient: one more, DHA when it does not exist; RBL is spam."""
@@ -194,7 +289,7 @@ class Correlator:
         if not record.unknown:
             return []
         transaction = Transaction(record.ip, None, record.ts)
-        return self._charge(record, transaction, 1, ("dha",), 1, 1)
+        return self._charge(record.ts, transaction, 1, ("dha",), 1, 1)
 
     def _mail_reject(self, record):
         """A rejected MAIL FROM: a transaction of its own (spam if RBL-listed)."""
@@ -203,7 +298,7 @@ class Correlator:
         if record.queue_id is not None:
             return self._charge_queue(record, violations)
         transaction = Transaction(record.ip, record.sender, record.ts)
-        return self._charge(record, transaction, 1, violations)
+        return self._charge(record.ts, transaction, 1, violations)
 
     def _data_reject(self, record):
         """A rejected DATA/BDAT: ends the transaction (counted already if known)."""
@@ -219,22 +314,26 @@ class Correlator:
         close = record.stage != "RCPT"
         return self._charge_group(record, violations, record.recipients, 0, close)
 
-    def _queued(self, record):
+    def _queued_record(self, record):
+        """qmgr's `from=<...>, size=..., nrcpt=...`, as `maillog.parse` reads it."""
+        return self._queued(
+            record.queue_id, record.sender, record.recipients, record.ts
+        )
+
+    def _queued(self, queue_id, sender, recipients, ts):
         """qmgr took the message: its accepted recipients; null sender is a bounce."""
-        transaction = self.queue.get(record.queue_id)
+        transaction = self.queue.get(queue_id)
         if transaction is None or QUEUED in transaction.flags:
             return []
         transaction.flags.add(QUEUED)
-        transaction.ts = record.ts
-        violations = ("bounce",) if record.sender == "" else ()
+        transaction.ts = ts
+        violations = ("bounce",) if sender == "" else ()
         if SETTLED in transaction.flags:
-            return self._charge(record, transaction, 0, violations)
+            return self._charge(ts, transaction, 0, violations)
         session = self.sessions.get(transaction.session)
-        if session is not None and record.queue_id not in session.queue_ids:
+        if session is not None and queue_id not in session.queue_ids:
             session = None
-        return self._charge(
-            record, transaction, 0, violations, record.recipients, session=session
-        )
+        return self._charge(ts, transaction, 0, violations, recipients, session=session)
 
     def _removed(self, record):
         """qmgr removed the message: nothing more will name its queue ID."""
@@ -255,19 +354,19 @@ class Correlator:
         if record.ip is None:
             return []
         transaction = Transaction(record.ip, None, record.ts)
-        return self._charge(record, transaction, 1, (record.verdict,))
+        return self._charge(record.ts, transaction, 1, (record.verdict,))
 
-    def _session_of(self, record):
+    def _session_of(self, process, ip):
         """The open smtpd session a line belongs to, if it is that client's."""
-        session = self.sessions.get(record.session)
-        if session is None or session.ip != record.ip:
+        session = self.sessions.get(process)
+        if session is None or session.ip != ip:
             return None
         return session
 
     def _charge_queue(self, record, violations, recipients=0, unknown=0):
         """Charge a queue ID's transaction; an unseen queue ID is a new one."""
         transaction = self.queue.get(record.queue_id)
-        session = self._session_of(record)
+        session = self._session_of(record.session, record.ip)
         if transaction is None:
             transaction = Transaction(record.ip, record.sender, record.ts)
             self.queue[record.queue_id] = transaction
@@ -279,7 +378,15 @@ class Correlator:
             transaction.ts = record.ts
             message = 0
         return self._charge(
-            record, transaction, message, violations, recipients, unknown, session
+            record.ts,
+            transaction,
+            message,
+            violations,
+            recipients,
+            unknown,
+            session,
+            stage=record.stage,
+            guess=record.guess,
         )
 
     def _charge_group(self, record, violations, recipients, unknown, close):
@@ -294,42 +401,54 @@ class Correlator:
             message = 0
         if close:
             del self.groups[record.session]
-        session = self._session_of(record)
+        session = self._session_of(record.session, record.ip)
         return self._charge(
-            record, group, message, violations, recipients, unknown, session
+            record.ts,
+            group,
+            message,
+            violations,
+            recipients,
+            unknown,
+            session,
+            stage=record.stage,
+            guess=record.guess,
         )
 
     def _charge(
         self,
-        record,
+        ts,
         transaction,
         message,
         violations=(),
         recipients=0,
         unknown=0,
         session=None,
+        *,
+        stage=None,
+        guess=False,
     ):
         """The event for one line of a transaction; each type at most once per one.
 
         A guessed verdict (a bare milter reject) is dropped when the transaction
-        already has a verdict. The session, if given, tallies what was charged.
+        already has a verdict. The session, if given, tallies what was charged
+        (a message at the SMTP `stage` of the line, if it counts one).
         """
         if session is not None:
-            session.ts = record.ts
+            session.ts = ts
             session.recipients += recipients
-            if message and record.stage not in UNCOUNTED_STAGES:
+            if message and stage not in UNCOUNTED_STAGES:
                 session.transactions += 1
         new = ()
         if violations:
             flags = transaction.flags
-            if not (record.guess and not flags.isdisjoint(VERDICTS)):
+            if not (guess and not flags.isdisjoint(VERDICTS)):
                 new = tuple(v for v in violations if v not in flags)
                 flags.update(new)
         if transaction.ip is None:
             return []
         if not (message or new or recipients):
             return []
-        return [MailEvent(record.ts, transaction.ip, message, new, recipients, unknown)]
+        return [MailEvent(ts, transaction.ip, message, new, recipients, unknown)]
 
     def prune(self):
         """Forget sessions and queue IDs no line has named for a long while."""

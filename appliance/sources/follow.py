@@ -20,6 +20,7 @@ import zlib
 log = logging.getLogger(__name__)
 
 HEAD_BYTES = 256
+READ_BYTES = 1 << 20
 KNOWN_FILES = 1000
 GZIP_BUFFER = 1 << 20
 ROTATION_GRACE = 0.5
@@ -89,6 +90,7 @@ class OpenedLog:
         self.offset = 0
         self.consumed = 0
         self.seen = b""
+        self.held = b""
         self.heads = {}
 
     def first_bytes(self, length):
@@ -123,6 +125,7 @@ class OpenedLog:
         if offset:
             self.stream.seek(offset)
         self.offset = self.stream.tell()
+        self.held = b""
         self.seen = self.first_bytes(min(HEAD_BYTES, self.offset))
 
     def head(self):
@@ -156,27 +159,37 @@ class OpenedLog:
         return "cut" if self.size() < self.offset else None
 
     def read(self, limit, final=False):
-        """Up to `limit` complete lines as (text, offset after the line).
+        """Up to `limit` complete lines, as text without their line ends.
 
-        A line still being written is left for the next read (the reader goes
-        back to its start), unless `final`: the file is done with, and an
+        A line still being written is left for the next read (kept, not
+        counted in `offset`), unless `final`: the file is done with, and an
         unterminated last line is taken as it is. A `.gz` file is complete.
+        Bytes are read in chunks and held back past the last line handed
+        out, so reading never seeks back (costly in a `.gz` file).
         """
-        read = []
         whole = final or self.compressed
-        while len(read) < limit:
-            line = self.stream.readline()
-            if not line:
+        data = self.held
+        while data.count(b"\n") < limit:
+            more = self.stream.read(READ_BYTES)
+            if not more:
                 break
-            if not (line.endswith(b"\n") or whole):
-                self.stream.seek(self.offset)
-                break
-            if len(self.seen) < HEAD_BYTES:
-                self.seen += line[: HEAD_BYTES - len(self.seen)]
-            self.offset += len(line)
-            self.consumed += len(line)
-            read.append((line.decode("utf-8", "replace"), self.offset))
-        return read
+            data += more
+        parts = data.split(b"\n", limit)
+        if len(parts) > limit or (parts[-1] and not whole):
+            self.held = parts.pop()
+        else:
+            self.held = b""
+            if not parts[-1]:
+                parts.pop()
+        if not parts:
+            return []
+        taken = len(data) - len(self.held)
+        if len(self.seen) < HEAD_BYTES:
+            self.seen += data[: min(taken, HEAD_BYTES - len(self.seen))]
+        self.offset += taken
+        self.consumed += taken
+        text = data[:taken].decode("utf-8", "replace")
+        return text.removesuffix("\n").split("\n")
 
     def close(self):
         """Close the file."""
@@ -223,7 +236,7 @@ class LogFile:
         self.waiting = False
 
     def lines(self, limit):
-        """Up to `limit` complete lines of one file as (text, offset after it)."""
+        """Up to `limit` complete lines of one file, as text without line ends."""
         if not self.planned:
             self._plan()
         while True:

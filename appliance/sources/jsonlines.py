@@ -293,6 +293,10 @@ class JsonLinesDecoder:
             )
         return self._charge_transaction(event)
 
+    def feed_lines(self, lines):
+        """The MailEvents a batch of lines produces, in order."""
+        return [event for line in lines for event in self.feed(line)]
+
     def _charge_transaction(self, event):
         """The part of an event with an id that its transaction was not charged."""
         key = f"{event.ip} {event.id}"

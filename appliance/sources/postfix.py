@@ -30,6 +30,8 @@ from appliance.sources.logline import address
 log = logging.getLogger(__name__)
 
 CLIENT_AT = r"([^\s\[\]]*)\[([^\]\s]{1,80})\](?::\d{1,5})?"
+# the same, with the address as a named group (a `str.format` template)
+CLIENT_AT_NAMED = r"[^\s\[\]]*\[(?P<{name}>[^\]\s]{{1,80}})\](?::\d{{1,5}})?"
 SMTPD_SESSION = re.compile(rf"(connect|disconnect) from {CLIENT_AT}")
 SMTPD_CLIENT = re.compile(rf"({QUEUE_ID}): client={CLIENT_AT}(?:,|$)")
 SMTPD_REJECT = re.compile(
@@ -122,7 +124,7 @@ def read_smtpd(message, ts, process):
             if match[1] == "connect":
                 return LogLine(CONNECT, ts, process, ip=address(match[3]))
             record = LogLine(DISCONNECT, ts, process, ip=address(match[3]))
-            record.counters = _session_counters(message, match.end())
+            record.counters = session_counters(message, match.end())
             return record
     # before the noise: no noise prefix can start a `QUEUEID: client=` line
     if "client=" in message:
@@ -141,7 +143,7 @@ def read_smtpd(message, ts, process):
     return SKIPPED_LINE
 
 
-def _session_counters(message, start):
+def session_counters(message, start):
     """(accepted MAIL commands, RCPT commands) from a disconnect's counters.
 
     Postfix 3.0+ ends a session with `ehlo=1 mail=1 rcpt=1/3 ... commands=5/7`:
