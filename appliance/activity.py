@@ -13,7 +13,7 @@ from dataclasses import replace
 from appliance import addresses
 from appliance.models import AuditEntry
 from appliance.models import Block
-from appliance.queries import parse_time
+from appliance.timefmt import date_range
 
 VIEWS = ("blocks", "actions")
 PER_PAGE_CHOICES = (25, 50, 100)
@@ -62,19 +62,11 @@ class ActivityQuery:
             except addresses.AddressError as exc:
                 errors["ip"] = str(exc)
 
-        for name, arg in (("since", "from"), ("until", "to")):
-            values[name] = args.get(arg, "").strip()
-            if not values[name]:
-                continue
-            try:
-                start, span = parse_time(values[name])
-            except ValueError as exc:
-                errors[arg] = str(exc)
-                continue
-            values[f"{name}_ts"] = start if name == "since" else start + span
-        since_ts, until_ts = values.get("since_ts"), values.get("until_ts")
-        if since_ts is not None and until_ts is not None and since_ts >= until_ts:
-            errors["to"] = "the 'to' date-time is before the 'from' date-time"
+        values["since"] = args.get("from", "").strip()
+        values["until"] = args.get("to", "").strip()
+        since_ts, until_ts, problems = date_range(values["since"], values["until"])
+        values.update(since_ts=since_ts, until_ts=until_ts)
+        errors.update(problems)
 
         per_page = args.get("per_page", "").strip()
         if per_page in {str(n) for n in PER_PAGE_CHOICES}:

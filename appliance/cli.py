@@ -10,9 +10,11 @@ import sys
 import zlib
 
 from appliance import config
+from appliance import lists
 from appliance import models
 from appliance import service
 from appliance.queries import status_now
+from appliance.resolve import NameResolver
 from appliance.timefmt import format_duration
 from appliance.timefmt import iso
 from appliance.timefmt import parse_duration
@@ -153,18 +155,18 @@ def build_parser():
     suspicious.add_argument("--limit", type=int, default=100)
     blocks = command("blocks", cmd_blocks, "active blocks")
     blocks.add_argument("--all", action="store_true", help="lifted ones too")
-    block = command("block", cmd_block, "block an IP or CIDR")
+    block = command("block", cmd_block, "block an IP, a CIDR or a domain name")
     block.add_argument("target")
     span = block.add_mutually_exclusive_group()
     span.add_argument("--for", dest="duration", default="1h", help="e.g. 30m, 1h, 2d")
     span.add_argument("--permanent", action="store_true")
     block.add_argument("--reason", default="")
-    for name, handler in (
-        ("unblock", cmd_unblock),
-        ("approve", cmd_approve),
-        ("unapprove", cmd_unapprove),
+    for name, handler, what in (
+        ("unblock", cmd_unblock, "an IP or CIDR"),
+        ("approve", cmd_approve, "an IP, a CIDR or a domain name"),
+        ("unapprove", cmd_unapprove, "an IP or CIDR"),
     ):
-        command(name, handler, f"{name} an IP or CIDR").add_argument("target")
+        command(name, handler, f"{name} {what}").add_argument("target")
     admin = command("admin", cmd_admin, "administrators")
     admin.add_argument("action", choices=["add"])
     admin.add_argument("name")
@@ -326,8 +328,33 @@ def cmd_blocks(settings, args):
     return rows, text or "no blocks"
 
 
+def name_resolver(settings):
+    """The resolver for domain names typed on the command line."""
+    return NameResolver(settings.nameservers, settings.dns_timeout)
+
+
+def record_report(outcomes, verb, done):
+    """(refused addresses as JSON, one line each) for what a record's action did.
+
+    `done(outcome)` ends the line of an address that was acted on. When every
+    address of a name was refused, raises Refused with all the reasons.
+    """
+    domain = outcomes[0].domain
+    named = f" ({domain})" if domain else ""
+    lines = [
+        f"{o.target} not {verb}: {o.refused}"
+        if o.refused
+        else f"{o.target}{named} {verb}{done(o)}"
+        for o in outcomes
+    ]
+    refused = [{"target": o.target, "reason": o.refused} for o in outcomes if o.refused]
+    if len(refused) == len(outcomes):
+        raise service.Refused("; ".join(lines))
+    return refused, "\n".join(lines)
+
+
 def cmd_block(settings, args):
-    """Block an IP or CIDR by hand."""
+    """Block an IP, a CIDR or every address of a domain name by hand."""
     duration = None
     if not args.permanent:
         try:
@@ -335,11 +362,25 @@ def cmd_block(settings, args):
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
     reason = args.reason or "blocked from the command line"
-    block = service.block(args.target, duration=duration, actor="cli", reason=reason)
-    text = f"{block.target} blocked {format_duration(duration)}"
-    if block.expires_at:
-        text += f" (until {iso(block.expires_at)})"
-    return block_json(block), text
+
+    outcomes = lists.block_record(
+        args.target,
+        duration=duration,
+        actor="cli",
+        names=name_resolver(settings),
+        reason=reason,
+    )
+
+    def until(outcome):
+        expires_at = outcome.block.expires_at
+        span = f" {format_duration(duration)}"
+        return span + (f" (until {iso(expires_at)})" if expires_at else "")
+
+    refused, text = record_report(outcomes, "blocked", until)
+    blocks = [block_json(o.block) for o in outcomes if o.block]
+    if outcomes[0].domain is None:
+        return blocks[0], text
+    return {"domain": outcomes[0].domain, "blocks": blocks, "refused": refused}, text
 
 
 def cmd_unblock(settings, args):
@@ -349,12 +390,21 @@ def cmd_unblock(settings, args):
 
 
 def cmd_approve(settings, args):
-    """Approve an IP or CIDR (lifts its blocks)."""
-    target, lifted = service.approve(args.target, actor="cli")
-    text = f"{target} approved"
-    if lifted:
-        text += f"; blocks lifted: {', '.join(lifted)}"
-    return {"approved": target, "lifted": lifted}, text
+    """Approve an IP, a CIDR or every address of a domain name (lifts blocks)."""
+    outcomes = lists.approve_record(
+        args.target, actor="cli", names=name_resolver(settings)
+    )
+
+    def lifted_by(outcome):
+        return f"; blocks lifted: {', '.join(outcome.lifted)}" if outcome.lifted else ""
+
+    refused, text = record_report(outcomes, "approved", lifted_by)
+    approved = [o.target for o in outcomes if not o.refused]
+    lifted = [target for o in outcomes for target in o.lifted]
+    if outcomes[0].domain is None:
+        return {"approved": approved[0], "lifted": lifted}, text
+    payload = {"domain": outcomes[0].domain, "approved": approved, "lifted": lifted}
+    return {**payload, "refused": refused}, text
 
 
 def cmd_unapprove(settings, args):

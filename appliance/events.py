@@ -12,7 +12,9 @@ class MailEvent(NamedTuple):
     when it adds to one already counted (a verdict, more recipients).
     `violations` names the threat types this transaction violates, each at
     most once per transaction. `recipients` and `unknown` are recipients the
-    transaction named and how many of those do not exist.
+    transaction named and how many of those do not exist. `line` is the
+    text of the log line (or JSON-lines event) that produced the event, kept
+    only on events that carry violations: it is the entry's evidence.
     """
 
     ts: float
@@ -21,3 +23,4 @@ class MailEvent(NamedTuple):
     violations: tuple[str, ...] = ()
     recipients: int = 0
     unknown: int = 0
+    line: str | None = None

@@ -31,7 +31,7 @@ from appliance.sources.follow import rotation_of
 log = logging.getLogger(__name__)
 
 BATCH_LINES = 5000
-CATCH_UP_LINES = 20000
+CATCH_UP_LINES = 50000
 FILES_READ = "files-read:"
 
 
@@ -200,6 +200,7 @@ class Pipeline:
     def commit(self, source, events, snapshot):
         """Count a batch's events and save where its source stands, in one go."""
         process = self.profiler.process
+        self.profiler.source = source.path
         with db.atomic():
             for event in events:
                 process(event)

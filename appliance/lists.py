@@ -17,6 +17,7 @@ from dataclasses import field
 
 from appliance import addresses
 from appliance import service
+from appliance.models import ApplianceState
 from appliance.models import ApprovedHost
 from appliance.models import Block
 from appliance.models import db
@@ -37,6 +38,8 @@ class Outcome:
     target: str
     refused: str | None = None
     lifted: list = field(default_factory=list)
+    block: Block | None = None
+    domain: str | None = None
 
 
 def parse_record(text):
@@ -78,7 +81,7 @@ def block_record(text, *, duration, actor, names, reason=""):
         block = service.block_network(
             value, threat_type="manual", duration=duration, actor=actor, reason=reason
         )
-        return [Outcome(block.target)]
+        return [Outcome(block.target, block=block)]
 
     outcomes = []
     for network in resolve_networks(value, names):
@@ -96,9 +99,10 @@ def _block_address(network, name, duration, actor, reason):
             network, threat_type="manual", duration=duration, actor=actor, reason=reason
         )
     except service.Refused as refusal:
-        return Outcome(target, refused=str(refusal))
+        return Outcome(target, refused=str(refusal), domain=name)
     Block.update(domain=name).where(Block.id == block.id).execute()
-    return Outcome(target)
+    block.domain = name
+    return Outcome(target, block=block, domain=name)
 
 
 def approve_record(text, *, actor, names, note=""):
@@ -120,9 +124,15 @@ def _approve_address(network, name, actor, note):
     try:
         target, lifted = service.approve(target, actor=actor, note=note)
     except service.Refused as refusal:
-        return Outcome(target, refused=str(refusal))
+        return Outcome(target, refused=str(refusal), domain=name)
     ApprovedHost.update(domain=name).where(ApprovedHost.target == target).execute()
-    return Outcome(target, lifted=lifted)
+    return Outcome(target, lifted=lifted, domain=name)
+
+
+def enforcement_backend():
+    """The backend the daemon last said it enforces with ("kernel", "dry-run")."""
+    state = ApplianceState.get_or_none(ApplianceState.key == "enforcement")
+    return state.value if state else None
 
 
 def blocks_in_force(now=None):

@@ -44,16 +44,15 @@ class Rule(BaseModel):
     unknown_recipients = IntegerField(default=5)
 
 
-class WindowEvent(BaseModel):
-    """One counted event, kept for the longest window so restarts rebuild it."""
+class WindowBatch(BaseModel):
+    """The events one flush counted, kept for the longest window so restarts
+    rebuild it: one row per flush, the events as a JSON list of
+    [sender, ts, message, violations, recipients, unknown] (a row per event
+    made every flush as slow as the counting itself)."""
 
-    # written for every event and read only by time: no index on sender
-    sender = CharField()
-    ts = FloatField(index=True)
-    message = IntegerField()
-    violations = CharField()
-    recipients = IntegerField()
-    unknown = IntegerField()
+    first_ts = FloatField()
+    last_ts = FloatField(index=True)
+    events = TextField()
 
 
 class Block(BaseModel):
@@ -146,6 +145,34 @@ class SuspiciousEntry(BaseModel):
         )
 
 
+class Evidence(BaseModel):
+    """A violation of an entry, with the log line (or JSON event) that made it.
+
+    An entry keeps its first violations and its latest ones (appliance/evidence.py
+    says how many): `number` is the violation's place in the episode (1 for the
+    first), `slot` where it is kept, so a later violation takes an older one's
+    slot. `source` is the log the line was read from; `message`, `violations`,
+    `recipients` and `unknown` are what the event counted.
+    """
+
+    # the (entry, slot) index finds an entry's rows: no index of its own
+    entry = ForeignKeyField(
+        SuspiciousEntry, backref="evidence", on_delete="CASCADE", index=False
+    )
+    slot = IntegerField()
+    number = IntegerField()
+    ts = FloatField()
+    source = CharField(null=True)
+    line = TextField(null=True)
+    message = IntegerField()
+    violations = CharField()
+    recipients = IntegerField()
+    unknown = IntegerField()
+
+    class Meta:
+        indexes = ((("entry", "slot"), True),)
+
+
 class ApprovedHost(BaseModel):
     """An address, network or domain that is never blocked."""
 
@@ -224,9 +251,10 @@ class ApplianceState(BaseModel):
 ALL_MODELS = (
     Admin,
     Rule,
-    WindowEvent,
+    WindowBatch,
     Block,
     SuspiciousEntry,
+    Evidence,
     ApprovedHost,
     SourcePosition,
     SourceCounter,

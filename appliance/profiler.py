@@ -4,16 +4,20 @@ Time is the event's own time stamp, never the wall clock, so reading
 yesterday's log gives the decisions that following it live would have.
 """
 
+import json
 import logging
 from dataclasses import dataclass
 
+from peewee import fn
+
 from appliance import addresses
+from appliance import evidence
 from appliance import service
 from appliance.blockindex import BlockIndex
 from appliance.config import THREAT_TYPES
 from appliance.models import Rule
 from appliance.models import SuspiciousEntry
-from appliance.models import WindowEvent
+from appliance.models import WindowBatch
 from appliance.models import db
 
 log = logging.getLogger(__name__)
@@ -224,7 +228,8 @@ class Profiler:
 
     `history` holds the senders least recently counted first, so a sweep
     finds the idle ones at its front. `episodes` maps a sender to its open
-    episodes by threat type; a sender without any has no key.
+    episodes by threat type; a sender without any has no key. `source` names
+    the log the events being processed come from, for their evidence.
     """
 
     def __init__(self, settings):
@@ -236,6 +241,8 @@ class Profiler:
         self.violation_forms = {}
         self.blocks = BlockIndex(addresses.parse_network)
         self.pending_rows = []
+        self.pending_evidence = []
+        self.source = None
         self.dirty = {}
         self.status_changed = {}
         self.now = 0.0
@@ -267,28 +274,24 @@ class Profiler:
 
     def load(self):
         """Rebuild windows and open episodes from the database after a start."""
-        latest = WindowEvent.select(WindowEvent.ts).order_by(WindowEvent.ts.desc())
-        latest = latest.scalar() or 0.0
+        latest = WindowBatch.select(fn.MAX(WindowBatch.last_ts)).scalar() or 0.0
         self.now = latest
         oldest = latest - max(self.windows.values())
-        rows = (
-            WindowEvent.select()
-            .where(WindowEvent.ts > oldest)
-            .order_by(WindowEvent.id)
+        batches = (
+            WindowBatch.select(WindowBatch.events)
+            .where(WindowBatch.last_ts > oldest)
+            .order_by(WindowBatch.id)
             .tuples()
         )
-        for (
-            _id,
-            sender,
-            ts,
-            message,
-            violations,
-            recipients,
-            unknown,
-        ) in rows.iterator():
-            mask = _mask(violations.split(",") if violations else ())
-            history = self._history(sender)
-            history.add(ts, message, mask, recipients, unknown)
+        for (events,) in batches.iterator():
+            for sender, ts, message, violations, recipients, unknown in json.loads(
+                events
+            ):
+                if ts <= oldest:
+                    continue
+                mask = _mask(violations.split(",") if violations else ())
+                history = self._history(sender)
+                history.add(ts, message, mask, recipients, unknown)
         columns = (
             SuspiciousEntry.sender,
             SuspiciousEntry.sender_key,
@@ -357,7 +360,7 @@ class Profiler:
 
     def process(self, event):
         """Count one MailEvent and act on any rule it makes the sender cross."""
-        ts, ip, message, violations, recipients, unknown = event
+        ts, ip, message, violations, recipients, unknown, _line = event
         sender = self.senders.get(ip) or self._sender(ip)
         if violations:
             mask, stored = self._violation_form(violations)
@@ -412,6 +415,7 @@ class Profiler:
                 episode.violations += 1
                 episode.messages += event.message
                 episode.last_seen = event.ts
+            self.pending_evidence.append((episode, episode.violations, event))
         elif episode is not None:
             episode.messages += event.message
         else:
@@ -490,18 +494,24 @@ class Profiler:
         self.dirty[id(episode)] = episode
 
     def flush(self):
-        """Write buffered window events and changed episodes (inside a transaction)."""
+        """Write buffered window events, changed episodes and their evidence.
+
+        Runs inside the caller's transaction, with the read position it goes with.
+        """
         cursor = db.cursor()
         param = db.param
         if self.pending_rows:
-            cursor.executemany(
-                f"INSERT INTO {WindowEvent._meta.table_name} "
-                "(sender, ts, message, violations, recipients, unknown) "
-                f"VALUES ({', '.join([param] * 6)})",
-                self.pending_rows,
+            times = [row[1] for row in self.pending_rows]
+            cursor.execute(
+                f"INSERT INTO {WindowBatch._meta.table_name} "
+                f"(first_ts, last_ts, events) VALUES ({param}, {param}, {param})",
+                (min(times), max(times), json.dumps(self.pending_rows)),
             )
             self.pending_rows = []
         self._write_episodes(cursor, param)
+        if self.pending_evidence:
+            evidence.write(cursor, param, self.pending_evidence, self.source)
+            self.pending_evidence = []
         if self.now - self.swept >= SWEEP_EVERY:
             self._sweep()
 
@@ -536,7 +546,7 @@ class Profiler:
         recently counted ones are looked at now, to forget the idle.
         """
         oldest = self.now - max(self.windows.values())
-        WindowEvent.delete().where(WindowEvent.ts <= oldest).execute()
+        WindowBatch.delete().where(WindowBatch.last_ts <= oldest).execute()
         self.window_groups.sweep(self.now)
         idle = []
         for sender, history in self.history.items():

@@ -6,14 +6,10 @@ stamp in the database; the console says so next to its date fields.
 
 import ipaddress
 import math
-import re
 import time
 from dataclasses import dataclass
 from dataclasses import field
 from dataclasses import replace
-from datetime import UTC
-from datetime import datetime
-from datetime import timedelta
 
 from peewee import SQL
 from peewee import NodeList
@@ -23,6 +19,7 @@ from appliance import addresses
 from appliance.config import THREAT_TYPES
 from appliance.models import Block
 from appliance.models import SuspiciousEntry
+from appliance.timefmt import date_range
 
 PER_PAGE_CHOICES = (10, 25, 50, 100)
 ORDERS = ("asc", "desc")
@@ -45,12 +42,6 @@ FIRST_ORDER = {
     "rate": "desc",
     "status": "asc",
 }
-DATE_TIME = re.compile(
-    r"^\d{4}-\d{2}-\d{2}"
-    r"(?:[T ](?P<minute>\d{2}:\d{2})(?P<second>:\d{2}(?:\.\d{1,6})?)?)?"
-    r"(?:Z|[+-]\d{2}:?\d{2})?$",
-    re.IGNORECASE,
-)
 TRUE_WORDS = ("1", "on", "yes", "true")
 # matches are counted exactly up to this many and paged through as far; past
 # it the page says "10,000+" (counting a million matches takes too long)
@@ -127,20 +118,10 @@ class SuspiciousQuery:
         elif types:
             values["types"] = tuple(t for t in THREAT_TYPES if t in types)
 
-        for name, arg in (("since", "from"), ("until", "to")):
-            text = _text(args, arg)
-            values[name] = text
-            if not text:
-                continue
-            try:
-                start, span = parse_time(text)
-            except ValueError as exc:
-                errors[arg] = str(exc)
-                continue
-            values[f"{name}_ts"] = start if name == "since" else start + span
-        since_ts, until_ts = values.get("since_ts"), values.get("until_ts")
-        if since_ts is not None and until_ts is not None and since_ts >= until_ts:
-            errors["to"] = "the 'to' date-time is before the 'from' date-time"
+        values["since"], values["until"] = _text(args, "from"), _text(args, "to")
+        since_ts, until_ts, problems = date_range(values["since"], values["until"])
+        values.update(since_ts=since_ts, until_ts=until_ts)
+        errors.update(problems)
 
         values["ip"] = _text(args, "ip")
         if values["ip"]:
@@ -367,31 +348,6 @@ def _read_sort(args, column, order, values, errors):
         values[order] = direction
     elif direction:
         errors[order] = "the sort order is asc or desc"
-
-
-def parse_time(text):
-    """An ISO date or date-time as (epoch start, seconds it spans).
-
-    Read as UTC unless it carries an offset. The span is the precision the
-    text names: a day, a minute or a second, so 'to 10:00' covers 10:00:59.
-    """
-    text = text.strip()
-    match = DATE_TIME.match(text)
-    try:
-        moment = datetime.fromisoformat(text) if match else None
-    except ValueError:
-        moment = None
-    if moment is None:
-        raise ValueError(f"{text!r} is not a date-time such as 2026-12-04T10:00")
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    if match.group("second"):
-        span = timedelta(seconds=1)
-    elif match.group("minute"):
-        span = timedelta(minutes=1)
-    else:
-        span = timedelta(days=1)
-    return moment.timestamp(), span.total_seconds()
 
 
 def sender_key_range(network, ipv6_prefix=64):

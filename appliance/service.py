@@ -38,7 +38,7 @@ acting_from = contextvars.ContextVar("acting_from", default=None)
 # costs more than the query): the key index finds the candidates
 ACTIVE_BLOCK = (
     f"SELECT id FROM {Block._meta.table_name} WHERE key_first <= ? "
-    "AND key_last >= ? AND lifted_at IS NULL "
+    "AND key_first >= ? AND key_last >= ? AND +lifted_at IS NULL "
     "AND (expires_at IS NULL OR expires_at > ?) ORDER BY id LIMIT 1"
 )
 
@@ -154,13 +154,23 @@ def audit(actor, action, target, detail=""):
     ).execute()
 
 
+def lowest_first(network):
+    """The lowest first key of a block or approval that shares an address with
+    `network`: none is wider than the widest range the settings allow, so the
+    key index is searched over that span only, not from the start."""
+    widest = _guard.widest[network.version] if _guard is not None else 0
+    outer = network.supernet(new_prefix=min(widest, network.prefixlen))
+    return addresses.key_of(outer.network_address)
+
+
 def approved_overlapping(network):
     """The approved entry sharing an address with `network`, if any."""
     first, last = addresses.key_range(network)
     table = ApprovedHost._meta.table_name
     row = db.execute_sql(
-        f"SELECT id FROM {table} WHERE key_first <= ? AND key_last >= ? LIMIT 1",
-        (last, first),
+        f"SELECT id FROM {table} WHERE key_first <= ? AND key_first >= ? "
+        "AND key_last >= ? LIMIT 1",
+        (last, lowest_first(network), first),
     ).fetchone()
     return None if row is None else ApprovedHost.get_by_id(row[0])
 
@@ -209,7 +219,7 @@ def mark_entries_blocked(block):
     db.execute_sql(
         f"UPDATE {SuspiciousEntry._meta.table_name} SET status = 'blocked', "
         "block_id = ? WHERE sender_key >= ? AND sender_key <= ? "
-        "AND status IN ('suspicious', 'monitored')",
+        "AND +status IN ('suspicious', 'monitored')",
         (block.id, block.key_first, block.key_last),
     )
 
@@ -229,7 +239,8 @@ def active_block(network, now=None):
     """The block in force at `now` whose range equals or covers `network`."""
     now = time.time() if now is None else now
     first, last = addresses.key_range(network)
-    row = db.execute_sql(ACTIVE_BLOCK, (first, last, now)).fetchone()
+    row = db.execute_sql(ACTIVE_BLOCK, (first, lowest_first(network), last, now))
+    row = row.fetchone()
     return None if row is None else Block.get_by_id(row[0])
 
 

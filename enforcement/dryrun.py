@@ -1,7 +1,8 @@
 """The dry-run backend: keeps blocks in memory and logs what the kernel would do.
 
 For machines without CAP_NET_ADMIN (a laptop, a test run). Every log line
-starts with DRY-RUN so nobody mistakes it for enforcement.
+starts with DRY-RUN so nobody mistakes it for enforcement, and each sync
+reports nothing as enforced, so no block reads as held by the kernel.
 """
 
 import logging
@@ -45,7 +46,6 @@ class DryRunBackend:
         with self._lock:
             change = plan(self._held(), desired)
             self._apply(change)
-            change.enforced = set(self.deadlines)
             return change
 
     def rebuild(self, desired):
@@ -55,7 +55,6 @@ class DryRunBackend:
             change = compare(self._held(), wanted)
             log.info("DRY-RUN: would rebuild the sets with %d entries", len(wanted))
             self._apply(change)
-            change.enforced = set(self.deadlines)
             return change
 
     def matches(self, count):
@@ -91,7 +90,11 @@ class DryRunBackend:
         }
 
     def _apply(self, change):
-        """Log the change line by line and keep its result in memory."""
+        """Log the change line by line and keep its result in memory.
+
+        `change.enforced` stays empty: no kernel holds any of it, so the
+        daemon records every block as not enforced.
+        """
         for line in change.lines():
             log.info("DRY-RUN: would %s", line)
 

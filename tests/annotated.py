@@ -73,7 +73,10 @@ def all_samples():
 
 
 def expected_events(sample):
-    """The MailEvents a sample's `=>` lines describe."""
+    """The MailEvents a sample's `=>` lines describe.
+
+    An event with violations carries the sample's own line as its evidence.
+    """
     own_ts = StampReader(now=lambda: sample.now).read(sample.line)
     events = []
     for text in sample.expected:
@@ -81,14 +84,16 @@ def expected_events(sample):
             continue
         fields = dict(word.split("=", 1) for word in text.split())
         ts = fields.pop("ts", None)
+        violations = tuple(filter(None, fields.pop("violations", "").split(",")))
         events.append(
             MailEvent(
                 ts=datetime.fromisoformat(ts).timestamp() if ts else own_ts[0],
                 ip=fields.pop("ip"),
                 message=int(fields.pop("message", 0)),
-                violations=tuple(filter(None, fields.pop("violations", "").split(","))),
+                violations=violations,
                 recipients=int(fields.pop("recipients", 0)),
                 unknown=int(fields.pop("unknown", 0)),
+                line=sample.line if violations else None,
             )
         )
         assert not fields, f"{sample.where}: unknown fields {fields}"

@@ -40,8 +40,6 @@ PASSWORD = "browser test password"
 NOON = datetime(2026, 3, 1, 12, 0, tzinfo=UTC).timestamp()
 TYPES = ("spam", "virus", "dha", "bounce")
 TITLE = "Suspicious IP log · Sender Filter"
-# the Blocked list's Kernel column, by what the daemon last found
-KERNEL_WORDS = {True: "in kernel", False: "NOT in kernel"}
 # the day of the filled episodes: later tests add episodes of today
 MARCH_1 = "from=2026-02-28&to=2026-03-01"
 DOMAINS = {

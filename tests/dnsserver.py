@@ -65,14 +65,16 @@ class Dnsmasq:
     """Debian's dnsmasq on 127.0.0.1, serving only the records it is given.
 
     `ptr_names` maps an address to its PTR name (None: no record, so the
-    server answers NXDOMAIN); `host_records` maps a name to its addresses.
+    server answers NXDOMAIN); `host_records` maps a name to its addresses;
+    under `authoritative_for` (a domain) an unknown name gets NXDOMAIN.
     """
 
-    def __init__(self, ptr_names=None, host_records=None):
+    def __init__(self, ptr_names=None, host_records=None, authoritative_for=None):
         self.binary = shutil.which("dnsmasq") or shutil.which("/usr/sbin/dnsmasq")
         require(self.binary is not None, "needs dnsmasq (make system-packages)")
         self.ptr_names = dict(PTR_NAMES if ptr_names is None else ptr_names)
         self.host_records = dict(host_records or {})
+        self.authoritative_for = authoritative_for
         self.process = None
         self.port = None
 
@@ -87,6 +89,8 @@ class Dnsmasq:
             f"--host-record={name},{','.join(found)}"
             for name, found in self.host_records.items()
         ]
+        if self.authoritative_for:
+            records.append(f"--local=/{self.authoritative_for}/")
         return [
             self.binary,
             "--keep-in-foreground",

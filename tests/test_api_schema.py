@@ -16,6 +16,7 @@ from test_web import add_entry
 
 from appliance import api_tokens
 from appliance import service
+from appliance.models import Evidence
 from web import create_app
 from web.api import OPENAPI
 
@@ -39,8 +40,25 @@ def api_headers(settings):
 def api_app(settings):
     """The console over some state for the lists to show."""
     app = create_app(settings, {"TESTING": True})
-    add_entry("198.51.100.7", "spam")
+    spam = add_entry("198.51.100.7", "spam")
     add_entry("2001:db8:1:2::/64", "virus")
+    # evidence for entry 1, the operation's example: a log line and a JSON event
+    for slot, source, line in (
+        (1, "/var/log/mail.log", "Mar  1 11:50:00 mx1 postfix/smtpd[7]: reject"),
+        (2, "/var/lib/sender-filter/events.jsonl", '{"ip":"198.51.100.7"}'),
+    ):
+        Evidence.create(
+            entry=spam,
+            slot=slot,
+            number=slot,
+            ts=spam.first_seen + slot,
+            source=source,
+            line=line,
+            message=1,
+            violations="spam",
+            recipients=1,
+            unknown=0,
+        )
     service.block("198.51.100.7", duration=3600, actor="cli", reason="test")
     service.approve("203.0.113.0/24", actor="cli", note="partner")
     return app

@@ -9,6 +9,7 @@ address where nothing listens and a resolver rule that answers nothing stand
 in for any other host. The tests run in file order over one appliance.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,7 +23,6 @@ from browserlab import CHROMIUM
 from browserlab import CHROMIUM_ARGS
 from browserlab import DOMAINS
 from browserlab import ENTRIES
-from browserlab import KERNEL_WORDS
 from browserlab import MARCH_1
 from browserlab import PASSWORD
 from browserlab import TITLE
@@ -294,8 +294,9 @@ def test_tick_rows_block_temporarily_see_them_listed_and_unblock(page, console):
 
     assert listed == ["203.0.113.17", "203.0.113.18"]
     assert until == [utc_text(blocks[ip].expires_at) for ip in listed]
-    # what the daemon's last look at its (dry-run) backend found, per block
-    assert kernel == [KERNEL_WORDS[checked[ip]] for ip in listed]
+    # the daemon's dry-run backend holds nothing in a kernel, and the page says so
+    assert checked == {ip: False for ip in listed}
+    assert kernel == ["not enforced (dry-run)"] * len(listed)
     assert "Enforcement is DRY-RUN" in page.inner_text("p.notice")
 
     for ip in listed:
@@ -317,12 +318,19 @@ def test_tick_rows_block_temporarily_see_them_listed_and_unblock(page, console):
 
 
 def test_change_a_rule_and_see_the_daemon_apply_it(page, console):
-    post_spam(page, console, "198.51.100.77", 3)
+    reported = post_spam(page, console, "198.51.100.77", 3)
     wait_for_page(page, "/?ip=198.51.100.77", "table.log td.ip")
     before = row_cells(page, "table.log", "198.51.100.77")
 
     # the default spam rule wants more than 100 messages: 3 stay suspicious
     assert before[2:] == ["spam", "198.51.100.77", "3", "3", "100.0%", "suspicious"]
+
+    # its evidence, one click away: the three events as the API took them
+    page.click("table.log td.num a:text-is('3')")
+    page.wait_for_url("**/suspicious/*")
+    events = page.locator("table.evidence td.event pre").all_inner_texts()
+    screenshot(page, "suspicious-evidence")
+    assert [json.loads(event) for event in events] == reported
 
     page.click("header nav a:text('Rules')")
     spam_rule = page.locator("section#rule-spam")

@@ -3,21 +3,32 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+from dnsserver import DeadResolver
+from dnsserver import Dnsmasq
 
 from appliance import addresses
 from appliance import cli
+from appliance.models import ApprovedHost
 from appliance.models import AuditEntry
 from appliance.models import Block
 from appliance.models import SuspiciousEntry
+from appliance.timefmt import iso
 from tests.conftest import write_config
 
+NAME = "sender.example.test"
+# the names the test dnsmasq serves; others under example.test do not exist
+HOST_RECORDS = {
+    NAME: ["192.0.2.77", "2001:db8::77"],
+    "loopback.example.test": ["127.0.0.1"],
+}
 
-@pytest.fixture
-def run(tmp_path, capsys):
-    """Run the CLI against a fresh appliance; returns (status, stdout, stderr)."""
-    config_path = write_config(tmp_path)
+
+def fresh_appliance(tmp_path, capsys, extra=""):
+    """Init an appliance; returns a runner giving (status, stdout, stderr)."""
+    config_path = write_config(tmp_path, extra)
 
     def invoke(*argv):
         status = cli.main([argv[0], "--config", str(config_path), *argv[1:]])
@@ -26,6 +37,26 @@ def run(tmp_path, capsys):
 
     assert invoke("init")[0] == 0
     return invoke
+
+
+@pytest.fixture
+def run(tmp_path, capsys):
+    """Run the CLI against a fresh appliance; returns (status, stdout, stderr)."""
+    return fresh_appliance(tmp_path, capsys)
+
+
+@pytest.fixture(scope="module")
+def dns_server():
+    """A dnsmasq on loopback serving HOST_RECORDS, authoritative for example.test."""
+    with Dnsmasq({}, HOST_RECORDS, authoritative_for="example.test") as server:
+        yield server
+
+
+@pytest.fixture
+def run_named(tmp_path, capsys, dns_server):
+    """`run` for an appliance that resolves names at the test dnsmasq."""
+    extra = f'[dns]\nnameservers = ["{dns_server.nameserver}"]\n'
+    return fresh_appliance(tmp_path, capsys, extra)
 
 
 def test_init_prints_the_admin_password_once(tmp_path, capsys):
@@ -223,3 +254,101 @@ def test_concurrent_blocks_of_one_address_make_one_block(tmp_path):
     assert sorted(racer.returncode for racer in racers) == [0] + [2] * 7
     assert sum("203.0.113.50 is already blocked" in err for err in refusals) == 7
     assert Block.select().where(Block.target == "203.0.113.50").count() == 1
+
+
+def test_block_then_approve_a_domain_name_acts_on_each_address(run_named):
+    status, out, err = run_named("block", "Sender.Example.Test.", "--for", "2h")
+
+    blocks = {b.target: b for b in Block.select()}
+    assert (status, err) == (0, "")
+    assert sorted(blocks) == ["192.0.2.77", "2001:db8::77"]
+    assert out.splitlines() == [
+        f"{target} ({NAME}) blocked 2h (until {iso(blocks[target].expires_at)})"
+        for target in ("192.0.2.77", "2001:db8::77")
+    ]
+    for block in blocks.values():
+        assert (block.domain, block.created_by, block.threat_type) == (
+            NAME,
+            "cli",
+            "manual",
+        )
+        assert block.expires_at - block.created_at == 7200
+
+    status, out, err = run_named("approve", NAME, "--json")
+
+    assert (status, err) == (0, "")
+    assert json.loads(out) == {
+        "domain": NAME,
+        "approved": ["192.0.2.77", "2001:db8::77"],
+        "lifted": ["192.0.2.77", "2001:db8::77"],
+        "refused": [],
+    }
+    assert json.loads(run_named("blocks", "--json")[1]) == []
+    approved = {(a.target, a.domain) for a in ApprovedHost.select()}
+    assert approved == {("192.0.2.77", NAME), ("2001:db8::77", NAME)}
+
+
+def test_permanent_block_of_a_name_as_json(run_named):
+    status, out, _ = run_named("block", NAME, "--permanent", "--json")
+
+    payload = json.loads(out)
+    assert status == 0
+    assert (payload["domain"], payload["refused"]) == (NAME, [])
+    assert [(b["target"], b["action"], b["expires_at"]) for b in payload["blocks"]] == [
+        ("192.0.2.77", "permanent", ""),
+        ("2001:db8::77", "permanent", ""),
+    ]
+
+
+def test_approved_address_of_a_name_is_refused_alone(run_named):
+    assert run_named("approve", "192.0.2.0/24")[0] == 0
+
+    status, out, err = run_named("block", NAME, "--permanent")
+
+    assert (status, err) == (0, "")
+    assert out.splitlines() == [
+        "192.0.2.77 not blocked: 192.0.2.77 covers approved 192.0.2.0/24",
+        f"2001:db8::77 ({NAME}) blocked permanent",
+    ]
+    assert [b.target for b in Block.select()] == ["2001:db8::77"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (("block", "gone.example.test"), "gone.example.test does not exist in DNS"),
+        (("approve", "gone.example.test"), "gone.example.test does not exist in DNS"),
+        (
+            ("block", "loopback.example.test"),
+            "127.0.0.1 not blocked: 127.0.0.1 covers loopback, which is always "
+            "approved",
+        ),
+        (
+            ("block", "bad_name.example.test"),
+            "'bad_name.example.test' is not an IP address, a CIDR network or a "
+            "domain name",
+        ),
+    ],
+)
+def test_a_name_with_nothing_to_act_on_is_refused_in_one_line(run_named, argv, line):
+    status, out, err = run_named(*argv)
+
+    assert (status, out) == (2, "")
+    assert err == f"sender-filter {argv[0]}: {line}\n"
+    assert Block.select().count() == ApprovedHost.select().count() == 0
+
+
+def test_a_name_at_a_dead_resolver_is_refused_within_the_timeout(tmp_path, capsys):
+    with DeadResolver() as dead:
+        extra = f'[dns]\nnameservers = ["{dead.nameserver}"]\ntimeout = 0.3\n'
+        run = fresh_appliance(tmp_path, capsys, extra)
+        started = time.monotonic()
+        status, out, err = run("block", NAME)
+        elapsed = time.monotonic() - started
+
+    assert (status, out) == (2, "")
+    reason = f"{NAME} does not resolve: no answer within 0.3 s"
+    assert err == f"sender-filter block: {reason}\n"
+    # A and AAAA, 0.3 s each; dnspython's own default would wait 5 s per query
+    assert elapsed < 5
+    assert Block.select().count() == 0

@@ -15,10 +15,12 @@ from test_web import PASSWORD
 from test_web import add_entry
 from test_web import make_app
 
+from appliance.config import ConfigError
 from web.dns import NO_NAME
 from web.dns import TIMED_OUT
 from web.dns import DomainName
 from web.dns import PtrLookup
+from web.dns import make_resolver
 
 HUNDRED = numbered_ptr_names(100)
 
@@ -221,3 +223,30 @@ def test_hundred_row_page_with_a_dead_resolver_answers_within_1_5_seconds(
     # the timeouts are remembered for a minute: the next view does not wait
     assert domain_cells(again) == [("", TIMED_OUT)] * 100
     assert again_elapsed < 0.5
+
+
+def test_nameservers_are_read_with_or_without_a_port():
+    resolver = make_resolver(["192.0.2.53", "198.51.100.53:5353", "[2001:db8::53]:54"])
+
+    servers = [(server.address, server.port) for server in resolver.nameservers]
+
+    assert servers == [
+        ("192.0.2.53", 53),
+        ("198.51.100.53", 5353),
+        ("2001:db8::53", 54),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ns.example.net", "dns nameserver 'ns.example.net' is not IP or IP:port"),
+        ("192.0.2.53:dns", "dns nameserver '192.0.2.53:dns' is not IP or IP:port"),
+        ("192.0.2.53:0", "dns nameserver '192.0.2.53:0' has a port outside 1-65535"),
+    ],
+)
+def test_a_bad_nameserver_is_a_config_error_that_names_it(text, message):
+    with pytest.raises(ConfigError) as refusal:
+        make_resolver([text])
+
+    assert str(refusal.value) == message

@@ -6,7 +6,10 @@ from appliance import addresses
 from appliance import config
 from appliance import service
 from appliance.config import ConfigError
+from appliance.daemon import Daemon
+from appliance.models import ApplianceState
 from appliance.models import Block
+from enforcement.dryrun import DryRunBackend
 from tests.conftest import write_config
 
 HOUR = 3600
@@ -115,3 +118,16 @@ def test_kernel_status_writes_only_rows_whose_answer_changed(settings):
     assert Block.get_by_id(first.id).enforced is False
     assert Block.get_by_id(first.id).enforced_checked_at == 300.0
     assert Block.get_by_id(second.id).enforced_checked_at == 200.0
+
+
+def test_dry_run_pass_records_every_block_as_not_enforced(settings):
+    permanent = service.block("192.0.2.7", duration=None, actor="cli")
+    temporary = service.block("2001:db8:7::/64", duration=HOUR, actor="cli")
+    daemon = Daemon(settings, DryRunBackend(settings))
+
+    daemon.enforce(rebuild=True)
+    daemon.watcher.close()
+
+    rows = {b.id: b.enforced for b in Block.select()}
+    assert rows == {permanent.id: False, temporary.id: False}
+    assert ApplianceState.get_by_id("enforcement").value == "dry-run"

@@ -15,7 +15,7 @@ from appliance.models import AuditEntry
 from appliance.models import Block
 from appliance.models import SourceCounter
 from appliance.models import SuspiciousEntry
-from appliance.models import WindowEvent
+from appliance.models import WindowBatch
 from appliance.profiler import Profiler
 from appliance.sources import jsonlines
 from appliance.sources.correlate import Correlator
@@ -128,7 +128,9 @@ MALFORMED = [
 def test_valid_line_gives_its_event(text, expected):
     decoder = JsonLinesDecoder(now=clock)
 
-    assert decoder.feed(text) == [expected]
+    # an event with violations carries its own JSON, the entry's evidence
+    evidence = text if expected.violations else None
+    assert decoder.feed(text) == [expected._replace(line=evidence)]
     assert (decoder.lines, decoder.skipped) == (1, 0)
 
 
@@ -177,33 +179,32 @@ def test_a_spool_line_decodes_to_the_event_it_was_written_from():
 
 
 def test_a_verdict_for_a_counted_id_does_not_count_the_message_again():
-    events = decoded(
-        line(message=True, recipients=2, id="q1"),
-        line(time=NOON + 30, message=True, verdicts=["spam"], id="q1"),
-    )
+    verdict = line(time=NOON + 30, message=True, verdicts=["spam"], id="q1")
+    events = decoded(line(message=True, recipients=2, id="q1"), verdict)
 
     assert events == [
         MailEvent(NOON, SENDER, 1, (), 2, 0),
-        MailEvent(NOON + 30, SENDER, 0, ("spam",), 0, 0),
+        MailEvent(NOON + 30, SENDER, 0, ("spam",), 0, 0, verdict),
     ]
 
 
 def test_an_event_sent_twice_with_its_id_counts_once():
     text = line(message=True, verdicts=["virus"], recipients=1, id="q1")
 
-    assert decoded(text, text) == [MailEvent(NOON, SENDER, 1, ("virus",), 1, 0)]
+    assert decoded(text, text) == [MailEvent(NOON, SENDER, 1, ("virus",), 1, 0, text)]
 
 
 def test_recipients_with_an_id_are_totals_and_count_only_their_increase():
+    unknown = line(time=NOON + 5, recipients=5, unknown_recipients=1, id="q1")
     events = decoded(
         line(message=True, recipients=2, id="q1"),
-        line(time=NOON + 5, recipients=5, unknown_recipients=1, id="q1"),
+        unknown,
         line(time=NOON + 9, recipients=5, unknown_recipients=3, id="q1"),
     )
 
     assert events == [
         MailEvent(NOON, SENDER, 1, (), 2, 0),
-        MailEvent(NOON + 5, SENDER, 0, ("dha",), 3, 1),
+        MailEvent(NOON + 5, SENDER, 0, ("dha",), 3, 1, unknown),
         MailEvent(NOON + 9, SENDER, 0, (), 0, 2),
     ]
 
@@ -639,7 +640,8 @@ def test_posted_events_are_counted_exactly_once_across_restarts(app, token, sett
     }
     assert profiler.history[SENDER].sums["spam"] == [7, 3, 5, 0]
     assert profiler.history["198.51.100.4"].sums["dha"] == [1, 1, 3, 2]
-    assert WindowEvent.select().count() == 9
+    stored = [json.loads(batch.events) for batch in WindowBatch.select()]
+    assert sum(map(len, stored)) == 9
     counter = SourceCounter.get(SourceCounter.path == source_path(settings))
     assert (counter.lines, counter.skipped) == (6 + 6 + 6, 0)
 

@@ -196,6 +196,19 @@ def outcome(database, log_path):
     return sorted(blocks, key=repr), sorted(entries, key=repr), counts
 
 
+def evidence_rows(database):
+    """Every entry's kept violations with their lines (the log's path aside)."""
+    return sorted(
+        run_sql(
+            database,
+            "SELECT e.sender, e.threat_type, v.number, v.slot, v.ts, v.line,"
+            " v.message, v.violations, v.recipients, v.unknown"
+            " FROM evidence v JOIN suspiciousentry e ON v.entry_id = e.id",
+        ),
+        key=repr,
+    )
+
+
 def unlifted(database, truth):
     """True until the last block's end has passed and every temporary one is lifted."""
     latest = max(b["expires_at"] for b in truth["blocks"] if b["expires_at"])
@@ -346,6 +359,9 @@ def test_sigkill_at_random_through_rotations_counts_every_line_once(
     assert sorted(e[:6] + e[7:8] for e in entries) == expected_entries(truth)
     assert (blocks, entries) == clean[:2]
     assert len(blocks) > 30
+    kept = evidence_rows(database)
+    assert kept == evidence_rows(str(tmp_path / "clean" / "sender-filter.db"))
+    assert len(kept) > 500
     lifted = run_sql(
         database,
         "SELECT count(*), count(DISTINCT detail) FROM auditentry"

@@ -164,7 +164,7 @@ def forget_everything():
     with db.atomic():
         for model in (SuspiciousEntry, Block):
             model.delete().execute()
-        for table in ("windowevent", "sourceposition", "sourcecounter", "auditentry"):
+        for table in ("windowbatch", "sourceposition", "sourcecounter", "auditentry"):
             db.execute_sql(f"DELETE FROM {table}")
 
 

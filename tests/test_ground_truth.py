@@ -10,9 +10,13 @@ from appliance import config
 from appliance import loggen
 from appliance import service
 from appliance.config import THREAT_TYPES
+from appliance.evidence import FIRST_KEPT
+from appliance.evidence import LATEST_KEPT
 from appliance.models import Block
+from appliance.models import Evidence
 from appliance.models import SourceCounter
 from appliance.models import SuspiciousEntry
+from appliance.sources.timestamps import StampReader
 from tests.conftest import write_config
 
 RULES_TOML = """
@@ -127,6 +131,33 @@ def test_every_hostile_class_is_blocked_and_light_ones_stay_suspicious(caught_up
             assert statuses == {"suspicious"}, sender
     virus = Block.select().where(Block.threat_type == "virus")
     assert {b.action for b in virus} == {"permanent"}
+
+
+def test_every_entry_keeps_its_first_and_latest_violations_as_real_log_lines(
+    caught_up,
+):
+    truth, _config, log_path = caught_up
+    log_lines = set(log_path.read_text().splitlines())
+    stamps = StampReader()
+    blocked = {(b["ip"], b["type"]) for b in truth["blocks"]}
+    with_evidence = set()
+
+    for entry in SuspiciousEntry.select():
+        rows = list(entry.evidence.order_by(Evidence.number))
+        v = entry.violations
+        first = range(1, min(v, FIRST_KEPT) + 1)
+        latest = range(max(FIRST_KEPT + 1, v - LATEST_KEPT + 1), v + 1)
+
+        assert [r.number for r in rows] == [*first, *latest], entry.id
+        assert (rows[0].ts, rows[-1].ts) == (entry.first_seen, entry.last_seen)
+        for row in rows:
+            assert row.line in log_lines, row.line
+            assert row.source == str(log_path)
+            assert stamps.read(row.line)[0] == row.ts
+            assert entry.threat_type in row.violations.split(",")
+        with_evidence.add((entry.sender, entry.threat_type))
+    assert blocked <= with_evidence
+    assert max(e.violations for e in SuspiciousEntry.select()) > 20
 
 
 def test_garbage_lines_are_counted_and_skipped(caught_up):

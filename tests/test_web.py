@@ -25,7 +25,7 @@ from appliance.models import Block
 from appliance.models import Rule
 from appliance.models import SuspiciousEntry
 from appliance.queries import SuspiciousQuery
-from appliance.queries import parse_time
+from appliance.timefmt import parse_time
 from web import create_app
 
 PASSWORD = "correct horse battery"

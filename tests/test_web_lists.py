@@ -34,18 +34,10 @@ RECORDS = {
 }
 
 
-class AuthoritativeDnsmasq(Dnsmasq):
-    """dnsmasq that answers NXDOMAIN for unknown names under example.test."""
-
-    def command(self, port):
-        """The fixture's command, authoritative for example.test."""
-        return [*super().command(port), "--local=/example.test/"]
-
-
 @pytest.fixture
 def dns_server():
     """A dnsmasq on loopback serving RECORDS."""
-    with AuthoritativeDnsmasq(ptr_names={}, host_records=RECORDS) as server:
+    with Dnsmasq({}, RECORDS, authoritative_for="example.test") as server:
         yield server
 
 
@@ -309,6 +301,26 @@ def test_kernel_status_shows_what_the_last_check_found(client):
     assert "Make permanent" in row(response, held)
 
 
+def test_kernel_status_under_dry_run_never_says_in_kernel(client):
+    checked = service.block("203.0.113.1", duration=HOUR, actor="test")
+    unchecked = service.block("203.0.113.2", duration=HOUR, actor="test")
+    # as a daemon on the kernel backend left it before a switch to dry-run
+    Block.update(enforced=True, enforced_checked_at=time.time()).where(
+        Block.id == checked.id
+    ).execute()
+    service.publish_state(enforcement="dry-run", heartbeat=time.time())
+
+    response = client.get("/blocks")
+
+    for block in (checked, unchecked):
+        assert re.search(
+            r'<td class="kernel-no kernel-dry-run"[^>]*>not enforced \(dry-run\)</td>',
+            row(response, block),
+        )
+    assert "in kernel" not in page_text(response)
+    assert "with the dry-run backend no block is enforced" in page_text(response)
+
+
 def test_blocked_list_shows_a_hundred_blocks_a_page(client):
     for n in range(101):
         service.block(f"198.51.100.{n}", duration=HOUR, actor="test")
@@ -413,7 +425,7 @@ def test_reresolve_follows_dns_changes_on_both_lists(client, dns_server):
         "other.example.test": ["198.51.100.6"],
     }
 
-    with AuthoritativeDnsmasq(ptr_names={}, host_records=changed) as moved:
+    with Dnsmasq({}, changed, authoritative_for="example.test") as moved:
         count = lists.reresolve(NameResolver([moved.nameserver]))
 
     assert count == 4
@@ -431,7 +443,7 @@ def test_reresolve_follows_dns_changes_on_both_lists(client, dns_server):
 def test_name_that_stops_resolving_keeps_its_rows(client, dns_server):
     add_block(client, NAME, action="permanent")
 
-    with AuthoritativeDnsmasq(ptr_names={}, host_records={}) as empty:
+    with Dnsmasq({}, {}, authoritative_for="example.test") as empty:
         count = lists.reresolve(NameResolver([empty.nameserver]))
 
     assert count == 0
@@ -446,7 +458,7 @@ def test_daemon_job_reresolves_every_configured_minutes(make_settings, dns_serve
     changed = {NAME: ["192.0.2.79", "2001:db8::77"]}
     woken = []
 
-    with AuthoritativeDnsmasq(ptr_names={}, host_records=changed) as moved:
+    with Dnsmasq({}, changed, authoritative_for="example.test") as moved:
         settings = make_settings(
             f'[dns]\nnameservers = ["{moved.nameserver}"]\nreresolve_minutes = 7\n'
         )

@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from appliance import addresses
 from appliance import api_tokens
+from appliance import evidence
 from appliance import service
 from appliance.cli import block_json
 from appliance.cli import entry_json
@@ -179,6 +180,28 @@ def get_suspicious():
         pages=page.pages,
         per_page=query.per_page,
         entries=entries,
+    )
+
+
+@bp.get("/suspicious/<entry_id>/evidence")
+def get_evidence(entry_id):
+    """An entry and the violations it keeps, each with its log line or event."""
+    settings = current_app.extensions["settings"]
+    entry = None
+    if entry_id.isascii() and entry_id.isdigit() and len(entry_id) < 20:
+        entry = evidence.find_entry(int(entry_id))
+    if entry is None:
+        raise Refusal(f"entry {entry_id} is not in the Suspicious IP log", 404)
+
+    blocks = active_blocks_for([entry], settings.widest_v4, settings.widest_v6)
+    kept = evidence.for_entry(entry)
+    return jsonify(
+        entry={"id": entry.id, **entry_json(entry, blocks.get(entry.id))},
+        violations=kept.total,
+        kept=[list(numbers) for numbers in kept.ranges],
+        keeps_first=evidence.FIRST_KEPT,
+        keeps_latest=evidence.LATEST_KEPT,
+        evidence=[evidence.row_json(row) for row in kept.rows],
     )
 
 

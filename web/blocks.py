@@ -103,7 +103,13 @@ def render_index(form):
     blocks = list(in_force.paginate(page, PER_PAGE))
 
     return render_template(
-        "blocks.html", form=form, blocks=blocks, total=total, page=page, pages=pages
+        "blocks.html",
+        form=form,
+        blocks=blocks,
+        total=total,
+        page=page,
+        pages=pages,
+        dry_run=lists.enforcement_backend() == "dry-run",
     )
 
 
@@ -228,8 +234,13 @@ def unblock():
     )
 
 
-def kernel_status(block):
-    """What the last reconcile saw: (css class, words)."""
+def kernel_status(block, dry_run=False):
+    """What the last reconcile saw: (css class, words).
+
+    Under the dry-run backend nothing reaches the kernel, whatever a row says.
+    """
+    if dry_run:
+        return "kernel-no kernel-dry-run", "not enforced (dry-run)"
     if block.enforced is None:
         return "kernel-unknown", "not checked yet"
     if block.enforced:

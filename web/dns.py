@@ -10,10 +10,10 @@ from concurrent.futures import wait
 from dataclasses import dataclass
 
 import dns.exception
-import dns.nameserver
 import dns.resolver
 
 from appliance.config import ConfigError
+from appliance.resolve import nameserver
 
 log = logging.getLogger(__name__)
 
@@ -157,27 +157,13 @@ def make_resolver(nameservers):
         except (dns.resolver.NoResolverConfiguration, OSError) as exc:
             log.warning("no system resolver (%s); domain names show as none", exc)
             return None
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [parse_nameserver(text) for text in nameservers]
-    return resolver
-
-
-def parse_nameserver(text):
-    """A Do53 nameserver from "192.0.2.1", "192.0.2.1:5353", "[2001:db8::1]:53"."""
-    host, port = text.strip(), "53"
-    if host.startswith("["):
-        host, _, rest = host[1:].partition("]")
-        port = rest.removeprefix(":") or "53"
-    elif host.count(":") == 1:
-        host, port = host.split(":")
     try:
-        ipaddress.ip_address(host)
-        number = int(port)
+        servers = [nameserver(text) for text in nameservers]
     except ValueError as exc:
-        raise ConfigError(f"dns nameserver {text!r} is not IP or IP:port") from exc
-    if not 0 < number < 65536:
-        raise ConfigError(f"dns nameserver {text!r} has a bad port")
-    return dns.nameserver.Do53Nameserver(host, number)
+        raise ConfigError(str(exc)) from exc
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = servers
+    return resolver
 
 
 def lookup_address(sender):

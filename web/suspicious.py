@@ -1,4 +1,7 @@
-"""The Suspicious IP log page (SPEC §4): filters, the table, blocking by hand."""
+"""The Suspicious IP log page (SPEC §4): filters, the table, blocking by hand.
+
+Each entry's evidence, the log lines of its violations, has a page of its own.
+"""
 
 from urllib.parse import parse_qsl
 from urllib.parse import urlencode
@@ -14,6 +17,7 @@ from flask import url_for
 from werkzeug.datastructures import MultiDict
 
 from appliance import addresses
+from appliance import evidence
 from appliance import service
 from appliance.config import THREAT_TYPES
 from appliance.models import Rule
@@ -71,6 +75,33 @@ def block():
     return redirect(url_for("suspicious.index", **query.to_args()))
 
 
+@bp.get("/suspicious/<int:entry_id>")
+def evidence_page(entry_id):
+    """One entry and the violations it keeps, each with its log line or event."""
+    back = MultiDict(parse_qsl(request.args.get("back", ""), keep_blank_values=True))
+    query, errors = query_from(back)
+    back_url = url_for("suspicious.index", **({} if errors else query.to_args()))
+    entry = evidence.find_entry(entry_id)
+
+    if entry is None:
+        message = f"Entry {entry_id} is not in the Suspicious IP log."
+        return render_template("evidence.html", missing=message, back_url=back_url), 404
+    settings = current_app.extensions["settings"]
+    blocks = active_blocks_for([entry], settings.widest_v4, settings.widest_v6)
+    kept = evidence.for_entry(entry)
+    return render_template(
+        "evidence.html",
+        entry=entry,
+        block=blocks.get(entry.id),
+        kept=kept,
+        first_kept=evidence.FIRST_KEPT,
+        latest_kept=evidence.LATEST_KEPT,
+        is_json_event=evidence.is_json_event,
+        counted_text=evidence.counted_text,
+        back_url=back_url,
+    )
+
+
 def query_from(args):
     """The page's query from URL args, with the appliance's IPv6 prefix."""
     settings = current_app.extensions["settings"]
@@ -93,6 +124,7 @@ def render_log(query, errors, block_errors=(), duration_text=""):
     if query.domains:
         columns.insert(3, ("domain", "Domain"))
     rule_durations = {rule.threat_type: rule.duration for rule in Rule.select()}
+    back = urlencode(query.to_args(), doseq=True)
     return render_template(
         "suspicious.html",
         query=query,
@@ -108,7 +140,9 @@ def render_log(query, errors, block_errors=(), duration_text=""):
         rule_durations=rule_durations,
         block_errors=block_errors,
         duration_text=duration_text,
-        back=urlencode(query.to_args(), doseq=True),
+        back=back,
+        # each row's evidence link leads back to this same view
+        evidence_args="?" + urlencode({"back": back}),
     )
 
 

@@ -103,12 +103,17 @@ class Correlator:
     verdicts) matched no known form. Lines known to carry nothing for the
     profiler (warnings, TLS notes, delivery agents, other programs) are
     understood and not skipped.
+
+    An event that carries violations also carries the line that charged them
+    (`line`), the evidence an administrator reads; `line` is the line being
+    handled, which only the handlers that can charge a violation read.
     """
 
     def __init__(self, now=None):
         self.stamps = StampReader() if now is None else StampReader(now=now)
         self.lines = 0
         self.skipped = 0
+        self.line = ""
         self.groups = {}
         self.queue = {}
         self.sessions = {}
@@ -180,6 +185,7 @@ class Correlator:
                 ip = known_address(found[client_ip])
                 events += self._client(found[client_id], found[smtpd], ip, ts)
             elif kind == "queued":
+                self.line = line
                 recipients = int(found[nrcpt])
                 events += self._queued(found[queued_id], found[sender], recipients, ts)
             else:
@@ -190,6 +196,7 @@ class Correlator:
 
     def _feed_parsed(self, line):
         """The MailEvents of a line read by `maillog.parse`."""
+        self.line = line
         record = maillog.parse(line, self.stamps)
         kind = record.kind
         if kind == logline.SKIPPED:
@@ -448,7 +455,8 @@ class Correlator:
             return []
         if not (message or new or recipients):
             return []
-        return [MailEvent(ts, transaction.ip, message, new, recipients, unknown)]
+        line = self.line.rstrip("\r\n") if new else None
+        return [MailEvent(ts, transaction.ip, message, new, recipients, unknown, line)]
 
     def prune(self):
         """Forget sessions and queue IDs no line has named for a long while."""

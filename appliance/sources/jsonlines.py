@@ -289,15 +289,15 @@ class JsonLinesDecoder:
         if event.id is None:
             message = int(event.message)
             return _mail_event(
-                event, message, event.verdicts, event.recipients, event.unknown
+                event, message, event.verdicts, event.recipients, event.unknown, text
             )
-        return self._charge_transaction(event)
+        return self._charge_transaction(event, text)
 
     def feed_lines(self, lines):
         """The MailEvents a batch of lines produces, in order."""
         return [event for line in lines for event in self.feed(line)]
 
-    def _charge_transaction(self, event):
+    def _charge_transaction(self, event, text):
         """The part of an event with an id that its transaction was not charged."""
         key = f"{event.ip} {event.id}"
         charged = self.charged.pop(key, None) or Charged(event.ts)
@@ -314,7 +314,7 @@ class JsonLinesDecoder:
         self.charged[key] = charged
         if len(self.charged) > MAX_IDS:
             del self.charged[next(iter(self.charged))]
-        return _mail_event(event, message, violations, recipients, unknown)
+        return _mail_event(event, message, violations, recipients, unknown, text)
 
     def prune(self):
         """Forget ids no event has named for ID_LIFETIME seconds of event time."""
@@ -351,11 +351,17 @@ class JsonLinesDecoder:
         return decoder
 
 
-def _mail_event(event, message, violations, recipients, unknown):
-    """The MailEvent for what an event adds; none when it adds nothing."""
+def _mail_event(event, message, violations, recipients, unknown, text):
+    """The MailEvent for what an event adds; none when it adds nothing.
+
+    One that charges violations carries the event's JSON `text`: its evidence.
+    """
     if not (message or violations or recipients or unknown):
         return []
-    return [MailEvent(event.ts, event.ip, message, violations, recipients, unknown)]
+    line = text if violations else None
+    return [
+        MailEvent(event.ts, event.ip, message, violations, recipients, unknown, line)
+    ]
 
 
 def spool_path(settings):
