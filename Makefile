@@ -24,8 +24,9 @@ system-packages:
 	  fi; \
 	else echo "not root: system packages not checked; kernel and Postfix tests will skip"; fi
 
+# `make run PORT=8090` serves the demo console on another port (default 8080)
 run: $(VENV)/.installed
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH ./scripts/run-demo
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH PORT="$(PORT)" ./scripts/run-demo
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

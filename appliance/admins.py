@@ -8,6 +8,7 @@ share with the console.
 import logging
 import time
 
+from peewee import fn
 from werkzeug.security import generate_password_hash
 
 from appliance import addresses
@@ -38,10 +39,25 @@ def remove_admin(username, *, actor):
     log.info("%s removed by %s", username, actor)
 
 
+def password_problem(password):
+    """Why a new password will not do, or None: too short, or only spaces."""
+    if len(password) < SHORTEST_PASSWORD:
+        return f"a password has at least {SHORTEST_PASSWORD} characters"
+    if not password.strip():
+        return "a password of only spaces is no password"
+    return None
+
+
+def name_taken(username):
+    """The administrator whose name is `username` in any case, or None."""
+    return Admin.get_or_none(fn.LOWER(Admin.username) == username.lower())
+
+
 def change_password(username, password, *, actor):
     """Set an administrator's password; every session they had ends."""
-    if len(password) < SHORTEST_PASSWORD:
-        raise service.Refused(f"a password has at least {SHORTEST_PASSWORD} characters")
+    problem = password_problem(password)
+    if problem:
+        raise service.Refused(problem)
     with db.atomic():
         admin = Admin.get_or_none(Admin.username == username)
         if admin is None:
@@ -95,12 +111,25 @@ def login_wait(source, failures, minutes, now=None):
     return max(0, stamps[-1] + minutes * 60 - now)
 
 
-def record_login_failure(source, minutes, now=None):
-    """Count a failed login from `source`; failures older than the lock-out go."""
+def record_login_failure(source, minutes, username="", failures=None, now=None):
+    """Count a failed login from `source`, in the sender filtering log too.
+
+    Failures older than the lock-out go. When this failure is the `failures`th
+    within `minutes`, the log also says the source is now locked out.
+    """
     now = time.time() if now is None else now
+    tried = f"as {username[:64]!r}" if username else "without a name"
     with db.atomic():
         LoginFailure.delete().where(LoginFailure.ts <= now - minutes * 60).execute()
         LoginFailure.create(source=source, ts=now)
+        service.audit("console", "login failed", source, tried)
+        if failures is not None and login_wait(source, failures, minutes, now):
+            service.audit(
+                "console",
+                "login lockout",
+                source,
+                f"{failures} failed logins in {minutes} min: refused for {minutes} min",
+            )
 
 
 def forget_login_failures(source):

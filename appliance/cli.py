@@ -306,6 +306,7 @@ def block_json(block):
         "lift_reason": block.lift_reason,
         "created_by": block.created_by,
         "reason": block.reason,
+        "offence": block.offence,
     }
 
 
@@ -317,15 +318,27 @@ def cmd_blocks(settings, args):
     else:
         blocks = service.active_blocks()
     rows = [block_json(b) for b in blocks]
+    repeat = {
+        "period": settings.repeat_period,
+        "factor": settings.repeat_factor,
+        "maximum": settings.repeat_max,
+    }
     text = "\n".join(
         f"{r['target']:<24} {r['type']:<7} "
         f"{'until ' + r['expires_at'] if r['expires_at'] else 'permanent':<31} "
-        f"{r['created_by']:<12} "
+        f"{r['created_by']:<12} offence {r['offence']:<3} "
         f"{'lifted ' + r['lift_reason'] if r['lifted_at'] else 'active'}  "
         f"{r['reason']}"
         for r in rows
     )
-    return rows, text or "no blocks"
+    footer = "repeat offenders: off (enforcement.repeat_period = 0)"
+    if repeat["period"]:
+        footer = (
+            "repeat offenders: blocked again within "
+            f"{format_duration(repeat['period'])}, x{repeat['factor']:g} longer "
+            f"per offence, at most {format_duration(repeat['maximum'])}"
+        )
+    return {"blocks": rows, "repeat": repeat}, f"{text or 'no blocks'}\n{footer}"
 
 
 def name_resolver(settings):
@@ -362,9 +375,10 @@ def cmd_block(settings, args):
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
     reason = args.reason or "blocked from the command line"
+    record = service.sender_record(args.target)
 
     outcomes = lists.block_record(
-        args.target,
+        record,
         duration=duration,
         actor="cli",
         names=name_resolver(settings),
@@ -377,6 +391,9 @@ def cmd_block(settings, args):
         return span + (f" (until {iso(expires_at)})" if expires_at else "")
 
     refused, text = record_report(outcomes, "blocked", until)
+    if record != args.target.strip():
+        prefix = record.rpartition("/")[2]
+        text += f"\n(IPv6 senders are blocked per /{prefix}: {args.target} is in it)"
     blocks = [block_json(o.block) for o in outcomes if o.block]
     if outcomes[0].domain is None:
         return blocks[0], text

@@ -1,6 +1,7 @@
 """Settings read from the TOML config file, with SPEC defaults."""
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from dataclasses import field
@@ -14,6 +15,27 @@ DEFAULT_PATHS = ("/etc/sender-filter/config.toml", "var/config.toml")
 THREAT_TYPES = ("spam", "virus", "dha", "bounce")
 SECTIONS = {"database", "logs", "network", "enforcement", "web", "dns", "rules"}
 ACTIONS = ("temporary", "permanent", "monitor")
+ENFORCEMENT_KEYS = {
+    "backend",
+    "ports",
+    "verdict",
+    "set_v4",
+    "set_v6",
+    "chain",
+    "set_size",
+    "iptables",
+    "repeat_period",
+    "repeat_factor",
+    "repeat_max",
+}
+# chains iptables and ip6tables have built in: ours must never be one of them
+BUILTIN_CHAINS = ("INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING")
+# a chain of our own (iptables allows 28 characters); a set (ipset allows 31,
+# and a rebuild fills `<first 26>-swap` before swapping it in)
+CHAIN_NAME = re.compile(r"[A-Za-z0-9_-]{1,28}")
+SET_NAME = re.compile(r"[A-Za-z0-9_.-]{1,31}")
+# the most ports one multiport match takes
+MOST_PORTS = 15
 
 
 class ConfigError(Exception):
@@ -53,7 +75,6 @@ class Settings:
     set_v6: str = "sender_filter_v6"
     chain: str = "SENDER_FILTER"
     set_size: int = 262144
-    sync_interval: float = 1.0
     iptables: str = "auto"
     repeat_period: int = 7 * 86400
     repeat_factor: float = 2.0
@@ -124,11 +145,29 @@ def from_mapping(raw, path):
     enforcement = raw.get("enforcement", {})
     web = raw.get("web", {})
     dns = raw.get("dns", {})
+    unknown = set(enforcement) - ENFORCEMENT_KEYS
+    if unknown:
+        raise ConfigError(f"enforcement.{sorted(unknown)[0]} is not a setting")
     ports = enforcement.get("ports", [25, 465, 587])
     if ports != "all" and not (
-        _texts_or_ints(ports, int) and all(1 <= p <= 65535 for p in ports)
+        _texts_or_ints(ports, int)
+        and 1 <= len(ports) <= MOST_PORTS
+        and all(1 <= p <= 65535 for p in ports)
     ):
-        raise ConfigError('enforcement.ports is a list of ports 1-65535, or "all"')
+        raise ConfigError(
+            f"enforcement.ports is a list of ports 1-65535 (1 to {MOST_PORTS} of "
+            'them), or "all"'
+        )
+    set_v4 = _name(enforcement, "set_v4", "sender_filter_v4", SET_NAME)
+    set_v6 = _name(enforcement, "set_v6", "sender_filter_v6", SET_NAME)
+    if set_v4 == set_v6:
+        raise ConfigError("enforcement.set_v4 and set_v6 must differ")
+    chain = _name(enforcement, "chain", "SENDER_FILTER", CHAIN_NAME)
+    if chain.upper() in BUILTIN_CHAINS:
+        raise ConfigError(
+            f"enforcement.chain = {chain!r} is a built-in chain; name a chain "
+            "of its own, such as SENDER_FILTER"
+        )
     for key, section in (
         ("logs.files", logs.get("files", [])),
         ("network.own_addresses", network.get("own_addresses", [])),
@@ -163,11 +202,10 @@ def from_mapping(raw, path):
         ports=() if ports == "all" else tuple(int(p) for p in ports),
         all_ports=ports == "all",
         verdict=_choice(enforcement, "verdict", "REJECT", ("REJECT", "DROP")),
-        set_v4=enforcement.get("set_v4", "sender_filter_v4"),
-        set_v6=enforcement.get("set_v6", "sender_filter_v6"),
-        chain=enforcement.get("chain", "SENDER_FILTER"),
+        set_v4=set_v4,
+        set_v6=set_v6,
+        chain=chain,
         set_size=_int(enforcement, "set_size", 262144, 1024, 1 << 26),
-        sync_interval=float(enforcement.get("sync_interval", 1.0)),
         iptables=_choice(enforcement, "iptables", "auto", ("auto", "nft", "legacy")),
         repeat_period=_int(enforcement, "repeat_period", 7 * 86400, 0, 365 * 86400),
         repeat_factor=_factor(enforcement, "repeat_factor", 2.0),
@@ -250,6 +288,17 @@ def _factor(section, key, default):
     ):
         raise ConfigError(f"{key} must be a number from 1 to 100")
     return float(value)
+
+
+def _name(section, key, default, pattern):
+    """A chain or set name of the characters and length `pattern` allows."""
+    value = section.get(key, default)
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ConfigError(
+            f"enforcement.{key} must match {pattern.pattern} (letters, digits, "
+            "and the punctuation shown)"
+        )
+    return value
 
 
 def _choice(section, key, default, allowed):

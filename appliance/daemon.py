@@ -12,7 +12,8 @@ from appliance import service
 from appliance.ingest import Pipeline
 from appliance.ingest import ReaderLock
 from appliance.ingest import Source
-from appliance.models import Block
+from appliance.kernelfeed import KernelFeed
+from appliance.models import db
 from appliance.profiler import Profiler
 from appliance.scheduler import BlockExpiry
 from appliance.scheduler import schedule_reresolve
@@ -26,6 +27,7 @@ IDLE_SLEEP = 0.05
 RECONCILE_EVERY = 2.0
 # in between, a reconcile pass compares only counts unless this long has passed
 FULL_RECONCILE_EVERY = 30.0
+# how often the profiler's rules are read again from the database
 RULES_EVERY = 5.0
 RETRY_AFTER = 1.0
 
@@ -47,13 +49,18 @@ class Daemon:
         self.expiry = BlockExpiry(on_lift=self._lifted)
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.last_change = 0.0
+        self.feed = KernelFeed(settings)
         self.last_reconcile = 0.0
         self.last_rules = 0.0
+        self.last_full = 0.0
         # block id -> the kernel status last written to Block.enforced
         self.kernel_status = {}
-        self.last_full = 0.0
-        self.last_rules_check = 0.0
+        # entry -> end time (None: permanent) of what was sent to the kernel
+        self.in_kernel = {}
+        # the last full pass found an error: no cheap passes until one does not
+        self.trouble = False
+        # new temporary blocks wait for the scheduler's next refresh
+        self.schedule_due = False
 
     def _lifted(self, targets):
         """A block was lifted by the scheduler: enforce soon."""
@@ -79,10 +86,9 @@ class Daemon:
         self.lock.acquire()
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        # the kernel first: after a reboot blocks are back before logs are read
-        self.enforce(rebuild=True)
-        self.load()
-        self.expiry.start()
+        if not self._start():
+            self.lock.release()
+            return
         schedule_reresolve(self.expiry.scheduler, self.settings, self._lifted)
         log.info(
             "following %s; enforcement: %s",
@@ -101,24 +107,65 @@ class Daemon:
             self.lock.release()
         log.info("stopped")
 
+    def _start(self):
+        """Rebuild the kernel sets, load the profiler, start the scheduler.
+
+        The kernel first: after a reboot blocks are back before logs are read.
+        A locked database is waited out; False when stopped meanwhile.
+        """
+        if not self.backend.dry_run:
+            self.backend.start_cutting()
+        while not self.stopping.is_set():
+            try:
+                self.enforce(rebuild=True)
+                self.load()
+                break
+            except DatabaseError as exc:
+                self._database_failed(exc)
+        if self.stopping.is_set():
+            return False
+        try:
+            self.expiry.start()
+        except DatabaseError as exc:
+            # the scheduler runs; its blocks are read again at the next pass
+            self.schedule_due = True
+            log.error("scheduling the temporary blocks failed: %s", exc)
+        return True
+
     def tick(self):
-        """Read what is new, then enforce if any block changed."""
+        """Read what is new, send new blocks to the kernel, reconcile now and then.
+
+        A database failure in the enforcement steps (locked longer than the
+        busy timeout) is logged and the step tried again on a later pass; the
+        next pass compares the kernel with the database in full.
+        """
         blocks_before = self.profiler.blocks_made
         read = self._read()
         now = time.time()
 
-        changed = self._blocks_changed()
-        if self.profiler.blocks_made != blocks_before or changed or self.wake.is_set():
-            self.wake.clear()
-            self.expiry.refresh()
-            self.enforce()
-        elif now - self.last_reconcile >= RECONCILE_EVERY:
-            self.enforce(reconcile=True)
-        if now - self.last_rules >= RULES_EVERY:
-            self.profiler.reload_rules()
-            self.last_rules = now
+        try:
+            made = self.profiler.blocks_made != blocks_before or self.wake.is_set()
+            self.enforce_changes(made)
+            if now - self.last_reconcile >= RECONCILE_EVERY:
+                self.enforce(reconcile=True)
+            if now - self.last_rules >= RULES_EVERY:
+                self.profiler.reload_rules()
+                self.last_rules = now
+        except DatabaseError as exc:
+            self._database_failed(exc)
         if not read:
             self.watcher.wait(IDLE_SLEEP)
+
+    def _database_failed(self, exc):
+        """Log a failed enforcement step; the next pass is a full comparison."""
+        log.error(
+            "enforcement step failed on the database (%s); retrying in %.0f s",
+            exc,
+            RETRY_AFTER,
+        )
+        self.last_full = 0.0
+        self.last_reconcile = 0.0
+        self.stopping.wait(RETRY_AFTER)
 
     def _read(self):
         """One step of every source; on a database failure, start again from it.
@@ -138,70 +185,151 @@ class Daemon:
         self.load()
         return 0
 
-    def _blocks_changed(self):
-        """Whether any block was added or lifted since we last looked."""
-        latest = Block.select(Block.changed_at).order_by(Block.changed_at.desc())
-        latest = latest.scalar() or 0.0
-        if latest > self.last_change:
-            self.last_change = latest
-            self.profiler.refresh_blocks()
-            return True
-        return False
+    def enforce_changes(self, woken=False):
+        """Send the blocks made, changed or lifted since the last look.
+
+        Only those entries go to the kernel, in one batch without reading the
+        sets back, so a new block's way to the kernel does not grow with the
+        blocks in force. New temporary blocks are handed to the scheduler at
+        the next reconcile pass (the kernel lifts them on time regardless).
+        """
+        if woken:
+            self.wake.clear()
+            self.schedule_due = True
+        now = time.time()
+        wanted = self.feed.changes(now)
+        if not wanted:
+            return
+        self.profiler.refresh_blocks()
+        self.schedule_due = True
+        try:
+            change = self.backend.apply(wanted.desired, wanted.removed)
+        except Exception as exc:
+            log.warning("sending block changes failed (%s); syncing in full", exc)
+            self.enforce()
+            return
+        self._log_change(change)
+        for target in wanted.removed:
+            self.in_kernel.pop(target, None)
+        self.in_kernel.update(wanted.expires)
+
+        # only the rows in hand are compared and written, not every block
+        status = dict.fromkeys(wanted.refused, False)
+        status.update({i: t in change.enforced for i, t in wanted.targets.items()})
+        touched = [*status, *wanted.gone]
+        written = {i: self.kernel_status[i] for i in touched if i in self.kernel_status}
+        service.record_kernel_status(status, written, now)
+        for block_id in wanted.gone:
+            self.kernel_status.pop(block_id, None)
+        self.kernel_status.update(status)
 
     def enforce(self, rebuild=False, reconcile=False):
         """Make the kernel hold exactly the blocks in force now.
 
-        On start the sets are rebuilt whole and swapped in; afterwards only the
-        difference is applied. A reconcile pass (nothing changed in the
-        database) that changes the kernel repaired drift, and says so. A
-        failure is logged and retried on the next pass.
+        On start the sets are rebuilt whole and swapped in; afterwards the
+        whole difference is applied. A reconcile pass first compares counts
+        and rules only, and in full at least every FULL_RECONCILE_EVERY; one
+        that changes the kernel repaired drift, and says so. A kernel failure
+        is logged and retried on the next pass.
         """
         now = time.time()
-        active = service.active_targets(now)
-        desired = {
-            target: None if expires_at is None else expires_at - now
-            for _id, target, expires_at in active
-        }
         self.last_reconcile = now
         service.publish_state(enforcement=self.backend.name, heartbeat=now)
-        in_force = sum(1 for left in desired.values() if left is None or left >= 1)
-        if reconcile and now - self.last_full < FULL_RECONCILE_EVERY:
+        if self.schedule_due and self.expiry.scheduler.running:
+            self.schedule_due = False
+            # in the scheduler's thread: with 20,000 temporary blocks reading
+            # them all takes long enough to hold up a new block
+            self.expiry.scheduler.add_job(
+                self._schedule_blocks,
+                id="schedule-blocks",
+                replace_existing=True,
+                misfire_grace_time=None,
+            )
+        # while something is wrong, every pass is a full one, until it is not
+        cheap = not self.trouble and now - self.last_full < FULL_RECONCILE_EVERY
+        if reconcile and cheap:
             try:
-                if self.backend.matches(in_force):
+                if self.backend.matches(self._held_count(now)):
                     service.publish_state(kernel_checked_at=now)
                     return
-            except Exception:
-                log.exception("kernel check failed; syncing instead")
+            except Exception as exc:
+                log.warning("kernel check failed (%s); syncing instead", exc)
         self.last_full = now
+
+        wanted = self.feed.whole(now)
         try:
             if rebuild:
-                self.backend.setup()
-                change = self.backend.rebuild(desired)
+                change = self.backend.rebuild(wanted.desired)
             else:
-                # rules are read back at least every RECONCILE_EVERY, even
-                # while a flood of blocks keeps reconcile passes away
-                check = now - self.last_rules_check >= RECONCILE_EVERY
-                if check:
-                    self.last_rules_check = now
-                change = self.backend.sync(desired, check_rules=check)
+                change = self.backend.sync(wanted.desired)
         except Exception as exc:
-            log.exception("enforcement failed; retrying in %.0f s", RECONCILE_EVERY)
-            service.publish_state(enforcement_error=f"enforcement failed: {exc}")
+            log.error(
+                "enforcement failed; retrying in %.0f s: %s", RECONCILE_EVERY, exc
+            )
+            self._record_failure(wanted, now, f"enforcement failed: {exc}")
             return
         if reconcile and change:
             log.warning("kernel drift repaired: %s", drift_summary(change))
+        self._log_change(change)
+        left_out = set(change.overflow)
+        self.in_kernel = {
+            target: expires_at
+            for target, expires_at in wanted.expires.items()
+            if target not in left_out
+        }
+
+        status = {i: target in change.enforced for i, target in wanted.targets.items()}
+        status.update(dict.fromkeys(wanted.refused, False))
+        self.kernel_status = service.record_kernel_status(
+            status, self.kernel_status, now
+        )
+        problems = list(change.errors)
+        if change.overflow:
+            problems.append(
+                f"{len(change.overflow)} blocks NOT enforced: the kernel sets are full"
+            )
+        self.trouble = bool(problems)
+        service.publish_state(
+            kernel_checked_at=now, enforcement_error="; ".join(problems)
+        )
+
+    def _schedule_blocks(self):
+        """Give the scheduler the temporary blocks it has no job for yet."""
+        try:
+            db.connect(reuse_if_open=True)
+            self.expiry.refresh()
+        except DatabaseError as exc:
+            self.schedule_due = True
+            log.error("scheduling the temporary blocks failed: %s", exc)
+        finally:
+            db.close()
+
+    def _held_count(self, now):
+        """How many entries the kernel should hold now, by what was sent."""
+        return sum(1 for end in self.in_kernel.values() if end is None or end > now)
+
+    def _record_failure(self, wanted, now, error):
+        """After a failed sync: record what the kernel still enforces, and why not."""
+        enforced = set()
+        try:
+            if not self.backend.dry_run:
+                enforced = self.backend.enforced()
+        except Exception as exc:
+            log.error("reading what the kernel enforces failed: %s", exc)
+        status = {i: target in enforced for i, target in wanted.targets.items()}
+        status.update(dict.fromkeys(wanted.refused, False))
+        self.kernel_status = service.record_kernel_status(
+            status, self.kernel_status, now
+        )
+        self.trouble = True
+        service.publish_state(enforcement_error=error)
+
+    def _log_change(self, change):
+        """One INFO line per entry the kernel took in or let go."""
         for target in change.added:
             log.info("%s now enforced (%s backend)", target, self.backend.name)
         for target in change.removed:
             log.info("%s no longer enforced (%s backend)", target, self.backend.name)
-        status = {block_id: target in change.enforced for block_id, target, _ in active}
-        self.kernel_status = service.record_kernel_status(
-            status, self.kernel_status, now
-        )
-        full = f"{len(change.overflow)} blocks NOT enforced: the kernel sets are full"
-        service.publish_state(
-            kernel_checked_at=now, enforcement_error=full if change.overflow else ""
-        )
 
 
 def drift_summary(change):

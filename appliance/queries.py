@@ -434,6 +434,9 @@ def _search_network(text):
     try:
         return addresses.parse_network(text)
     except addresses.AddressError as exc:
+        if "/" not in text or "%" in text:
+            # a single address has no host bits to clear; a zone id no sender has
+            raise
         try:
             loose = ipaddress.ip_network(text.strip(), strict=False)
         except ValueError:

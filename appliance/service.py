@@ -108,13 +108,38 @@ def interface_addresses():
 
 _guard = None
 _repeat = None
+_ipv6_prefix = 64
 
 
 def configure(settings):
     """Set the guard from settings; call once a process after connecting."""
-    global _guard, _repeat
+    global _guard, _repeat, _ipv6_prefix
     _guard = Guard(settings)
     _repeat = (settings.repeat_period, settings.repeat_factor, settings.repeat_max)
+    _ipv6_prefix = settings.ipv6_prefix
+
+
+def sender_record(text):
+    """What a typed block record covers: a bare IPv6 address its /ipv6_prefix.
+
+    IPv6 senders are blocked per /64 by default (SPEC §7), so a block typed
+    as one IPv6 address covers its network; an explicit CIDR (even a /128),
+    an IPv4 address, a name, and addresses the guard refuses for what they
+    are (loopback, link-local...) are returned as typed.
+    """
+    text = (text or "").strip()
+    if "/" in text or ":" not in text:
+        return text
+    try:
+        address = addresses.parse_ip(text)
+    except addresses.AddressError:
+        return text
+    single = addresses.parse_network(text)
+    if address.version != 6 or addresses.is_loopback(single):
+        return text
+    if addresses.not_a_sender(single):
+        return text
+    return addresses.sender_text(addresses.sender_of(address, _ipv6_prefix))
 
 
 def repeat_offence(target, now):
@@ -225,9 +250,12 @@ def mark_entries_blocked(block):
 
 
 def block(text, *, duration, actor, reason="", threat_type="manual"):
-    """Block an address or CIDR given as text (console, CLI, API)."""
+    """Block an address or CIDR given as text (console, CLI, API).
+
+    A bare IPv6 address is blocked as its /ipv6_prefix (see `sender_record`).
+    """
     try:
-        network = addresses.parse_network(text)
+        network = addresses.parse_network(sender_record(text))
     except addresses.AddressError as exc:
         raise Refused(str(exc)) from exc
     return block_network(
@@ -252,6 +280,12 @@ def unblock(text, *, actor, reason="unblocked"):
         raise Refused(str(exc)) from exc
     lifted = lift(Block.target == target, actor=actor, reason=reason)
     if not lifted:
+        cover = active_block(addresses.parse_network(target))
+        if cover is not None:
+            raise Refused(
+                f"{target} is covered by the block on {cover.target}; "
+                f"unblock {cover.target} to lift it"
+            )
         raise Refused(f"{target} is not blocked")
     return lifted
 

@@ -6,13 +6,14 @@ from datetime import datetime
 from datetime import timedelta
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-DURATION = re.compile(r"^\s*(\d{1,7})\s*([smhdw]?)\s*$", re.IGNORECASE)
+# ASCII digits only: \d alone would take ٣٠ (Arabic-Indic) or ３０ (full-width)
+DURATION = re.compile(r"^\s*(\d{1,7})\s*([smhdw]?)\s*$", re.IGNORECASE | re.ASCII)
 # an ISO 8601 date, optionally with a time to the minute or second and an offset
 DATE_TIME = re.compile(
     r"^\d{4}-\d{2}-\d{2}"
     r"(?:[T ](?P<minute>\d{2}:\d{2})(?P<second>:\d{2}(?:\.\d{1,6})?)?)?"
     r"(?:Z|[+-]\d{2}:?\d{2})?$",
-    re.IGNORECASE,
+    re.IGNORECASE | re.ASCII,
 )
 
 

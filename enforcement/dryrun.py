@@ -48,6 +48,18 @@ class DryRunBackend:
             self._apply(change)
             return change
 
+    def apply(self, added, removed):
+        """Pretend to add and remove just these entries."""
+        with self._lock:
+            held = self._held()
+            wanted = dict(held)
+            for entry in wanted_state(dict.fromkeys(removed)):
+                wanted.pop(entry, None)
+            wanted.update(wanted_state(added))
+            change = compare(held, wanted)
+            self._apply(change)
+            return change
+
     def rebuild(self, desired):
         """Pretend to load `desired` into fresh sets and swap them in."""
         with self._lock:

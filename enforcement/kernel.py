@@ -7,6 +7,7 @@ Everything acts on the network namespace of the calling process.
 """
 
 import logging
+import queue
 import re
 import socket
 import threading
@@ -33,7 +34,10 @@ IPSET_FAMILY = {4: "inet", 6: "inet6"}
 CUT_CHUNK = 100
 # the lines of `ipset save` that name a set and that hold an entry
 CREATE_LINE = re.compile(r"^create (\S+) ", re.MULTILINE)
-ENTRY_COUNT = re.compile(r"^Number of entries: (\d+)$", re.MULTILINE)
+# one set's header in `ipset list -t`: its name, then its entry count
+SET_HEADER = re.compile(
+    r"^Name: (\S+)$.*?^Number of entries: (\d+)$", re.MULTILINE | re.DOTALL
+)
 ADD_LINE = re.compile(r"^add (\S+) (\S+)(?: .*?timeout (\d+))?", re.MULTILINE)
 
 
@@ -50,65 +54,125 @@ class KernelBackend:
         self.rules = chain_rules(settings, self.sets)
         self.ports = self.rules[4].ports
         self.driver = rules_driver(settings, self.rules)
+        # per family: whether the last check found the rule and its jump in
+        # place; None until the first check
+        self.rules_in_place = None
+        # entries whose connections the cutting thread is to cut, once started
+        self._to_cut = None
         self._lock = threading.RLock()
+
+    def start_cutting(self):
+        """Cut connections in a thread of their own from now on.
+
+        Listing and killing sockets takes a few `ss` runs; the daemon's loop
+        hands entries over and goes on with the next block meanwhile.
+        """
+        if self._to_cut is None:
+            self._to_cut = queue.SimpleQueue()
+            threading.Thread(target=self._cutting, name="cut", daemon=True).start()
+
+    def _cutting(self):
+        """The cutting thread: cut what was handed over, a gathered batch at a time."""
+        while True:
+            entries = list(self._to_cut.get())
+            while not self._to_cut.empty():
+                entries += self._to_cut.get()
+            try:
+                self.cut_connections(entries)
+            except Exception:
+                log.exception("cutting connections of %d entries failed", len(entries))
+
+    def _cut(self, entries):
+        """Cut connections from new entries: in the cutting thread, or now."""
+        if not entries:
+            return
+        if self._to_cut is None:
+            self.cut_connections(entries)
+        else:
+            self._to_cut.put(list(entries))
 
     def setup(self):
         """Create the sets, the chain, its rule and the jump where missing.
 
-        Returns what had to be put back, in words.
+        Returns what had to be put back, in words; raises EnforcementError
+        when a rule cannot be written.
         """
         with self._lock:
-            _held, present = self._read_sets()
-            repaired = self._create_sets(present)
-            for family in FAMILIES:
-                if not self.driver.in_place(family):
-                    self.driver.install(family)
-                    chain = self.rules[family].chain
-                    repaired.append(f"IPv{family} rule of chain {chain}")
+            repaired, errors = self._put_back()
+            if errors:
+                raise EnforcementError("; ".join(errors))
             return repaired
 
     def sync(self, desired, check_rules=True):
         """Make the sets hold exactly `desired` (entry -> seconds or None).
 
-        `check_rules=False` skips reading the rules back (two iptables-save
-        runs), for the syncs that follow a new block; reconcile passes check.
+        `check_rules=False` skips reading the rules back and trusts the last
+        check. A rule that cannot be put back (an unprivileged daemon cannot
+        write one) does not stop the sets being synced: its family's entries
+        are then not enforced, and `change.errors` says why.
         """
         with self._lock:
             held, present = self._read_sets()
-            repaired = []
-            if not self._in_place(present, check_rules):
-                repaired = self.setup()
+            repaired = self._create_sets(present)
+            errors = []
+            if check_rules:
+                more, errors = self._put_back_rules()
+                repaired += more
             for what in repaired:
                 log.warning("kernel drift repaired: %s was missing and is back", what)
 
             change = fit(compare(held, wanted_state(desired)), held, self.set_size)
             change.repaired = repaired
+            change.errors = errors
 
             self._restore(self._change_batch(change))
-            change.enforced = (held.keys() - set(change.removed)) | set(change.added)
+            now_held = (held.keys() - set(change.removed)) | set(change.added)
+            change.enforced = self._with_rule(now_held)
             self._report(change)
-            self.cut_connections(change.added)
+            self._cut(change.added)
+            return change
+
+    def apply(self, added, removed):
+        """Add and remove just these entries, without reading the sets back.
+
+        `added` maps entry -> seconds or None, `removed` lists entries. One
+        `ipset restore -exist` batch: a new entry replaces an old one with its
+        timeout, a missing one is not an error. Raises EnforcementError when
+        the batch fails (a set missing or full): a full sync sorts that out.
+        """
+        with self._lock:
+            wanted = wanted_state(added)
+            change = compare({}, wanted)
+            change.removed = sorted(
+                {entry_text(e) for e in removed if valid(e)} - wanted.keys()
+            )
+            self._restore(self._change_batch(change))
+            change.enforced = self._with_rule(change.added)
+            self._report(change)
+            self._cut(change.added)
             return change
 
     def rebuild(self, desired):
         """Load `desired` into fresh sets and swap them in, all at once."""
         with self._lock:
-            for what in self.setup():
+            repaired, errors = self._put_back()
+            for what in repaired:
                 log.info("kernel: %s created", what)
             held, present = self._read_sets()
             room = fit(compare({}, wanted_state(desired)), {}, self.set_size)
             wanted = {entry: room.timeouts[entry] for entry in room.added}
             change = compare(held, wanted) if held else room
             change.overflow = room.overflow
+            change.errors = errors
 
             batch = []
             for family in FAMILIES:
                 batch += self._fresh_set_batch(family, wanted, present)
             self._restore(batch)
-            change.enforced = set(wanted)
+            change.enforced = self._with_rule(wanted)
             log.info("kernel sets rebuilt with %d entries", len(wanted))
             self._report(change)
-            self.cut_connections(change.added)
+            self._cut(change.added)
             return change
 
     def matches(self, count):
@@ -118,19 +182,26 @@ class KernelBackend:
         over 100,000 entries costs milliseconds; a mismatch calls for a sync.
         """
         with self._lock:
-            result = commands.run(["ipset", "list", "-t", *self.sets.values()])
+            result = commands.run(["ipset", "list", "-t"])
             if result.returncode != 0:
+                raise self._failure("ipset list -t", result)
+            counts = {
+                name: int(entries)
+                for name, entries in SET_HEADER.findall(result.stdout)
+                if name in self.sets.values()
+            }
+            if len(counts) != len(self.sets) or sum(counts.values()) != count:
                 return False
-            held = sum(int(n) for n in ENTRY_COUNT.findall(result.stdout))
-            if held != count or len(ENTRY_COUNT.findall(result.stdout)) != 2:
-                return False
-            return all(self.driver.in_place(family) for family in FAMILIES)
+            return all(self._check_rules().values())
 
     def enforced(self):
         """The entries the kernel enforces right now, in sender text form."""
         with self._lock:
             held, present = self._read_sets()
-            return set(held) if self._in_place(present) else set()
+            if not set(self.sets.values()) <= present:
+                return set()
+            self._check_rules()
+            return self._with_rule(held)
 
     def teardown(self):
         """Remove the jump, the chain and both sets."""
@@ -184,13 +255,41 @@ class KernelBackend:
                 log.warning("unreadable entry %s in set %s skipped", text, name)
         return held, present
 
-    def _in_place(self, present, check_rules=True):
-        """Whether both sets exist and both rules sit where they belong."""
-        if not set(self.sets.values()) <= present:
-            return False
-        return not check_rules or all(
-            self.driver.in_place(family) for family in FAMILIES
-        )
+    def _check_rules(self):
+        """Read both rules back; remember and return which are in place."""
+        self.rules_in_place = {f: self.driver.in_place(f) for f in FAMILIES}
+        return self.rules_in_place
+
+    def _put_back(self):
+        """Create missing sets and rules: (what was put back, what could not be)."""
+        _held, present = self._read_sets()
+        repaired = self._create_sets(present)
+        more, errors = self._put_back_rules()
+        return repaired + more, errors
+
+    def _put_back_rules(self):
+        """Write each family's rule where it is missing; (done, errors) in words."""
+        repaired, errors = [], []
+        for family, in_place in self._check_rules().items():
+            if in_place:
+                continue
+            chain = self.rules[family].chain
+            try:
+                self.driver.install(family)
+            except EnforcementError as exc:
+                errors.append(
+                    f"IPv{family} rule of chain {chain} is missing and could not "
+                    f"be put back: {exc}"
+                )
+                continue
+            self.rules_in_place[family] = True
+            repaired.append(f"IPv{family} rule of chain {chain}")
+        return repaired, errors
+
+    def _with_rule(self, entries):
+        """The entries whose family's rule the last check found in place."""
+        in_place = self.rules_in_place or self._check_rules()
+        return {e for e in entries if in_place[family_of(e)]}
 
     def _create_sets(self, present):
         """Create whichever of our two sets is missing, in one batch."""
@@ -326,6 +425,16 @@ def peers_of(listing):
             yield text, parse_ip(text)
         except AddressError:
             continue
+
+
+def valid(text):
+    """Whether an entry's text is one ipset can hold (logged when not)."""
+    try:
+        entry_text(text)
+    except AddressError as exc:
+        log.error("%s not enforced: %s", text, exc)
+        return False
+    return True
 
 
 def swap_name(name):

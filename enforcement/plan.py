@@ -34,8 +34,8 @@ class Change:
 
     After the kernel applied it, `enforced` holds every entry the kernel
     enforces (in its set, with its family's rule in place), `repaired` says
-    which sets or rules had to be put back, and `overflow` lists the entries
-    left out because their set was full.
+    which sets or rules had to be put back, `errors` what could not be put
+    back, and `overflow` lists the entries left out because their set was full.
     """
 
     added: list[str] = field(default_factory=list)
@@ -44,6 +44,7 @@ class Change:
     timeouts: dict[str, int | None] = field(default_factory=dict, repr=False)
     enforced: set[str] = field(default_factory=set, repr=False)
     repaired: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
     overflow: list[str] = field(default_factory=list)
 
     def __bool__(self):

@@ -16,13 +16,14 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from appliance.config import MOST_PORTS
 from enforcement.commands import run
 
 log = logging.getLogger(__name__)
 
 FAMILIES = (4, 6)
 # the most ports one multiport match takes
-MULTIPORT_LIMIT = 15
+MULTIPORT_LIMIT = MOST_PORTS
 
 
 # the counter nft prints in each rule

@@ -151,20 +151,27 @@ def ip_column(tab):
     return tab.locator("table.log td.ip").all_inner_texts()
 
 
-def expected_order(senders, column, order):
-    """Senders sorted as the log sorts: the column, then newest first, then id."""
+def expected_order(senders, column, order, then=None, then_order="desc"):
+    """Senders sorted as the log sorts: the column, then the `then` column if any,
+    then last seen and the row id in the direction of the last column named."""
     ids = {ip: n for n, ip in enumerate(ENTRIES, start=1)}
 
-    def key(ip):
+    def value(ip, key):
         values = ENTRIES[ip]
-        by_column = {
+        return {
             "violations": values["violations"],
             "type": values["threat_type"],
             "time": values["last_seen"],
-        }[column]
-        return (by_column, values["last_seen"], ids[ip])
+        }[key]
 
-    return sorted(senders, key=key, reverse=order == "desc")
+    tie = then_order if then else order
+    keys = [(column, order)] + ([(then, then_order)] if then else [])
+    keys.append(("time", tie))
+    ordered = sorted(senders, key=lambda ip: ids[ip], reverse=tie == "desc")
+    # stable sorts, least significant key first
+    for key, direction in reversed(keys):
+        ordered.sort(key=lambda ip: value(ip, key), reverse=direction == "desc")
+    return ordered
 
 
 def wait_for_kernel_check(blocks, seconds=15.0):

@@ -2,8 +2,10 @@
 
 `Dnsmasq` runs Debian's dnsmasq as an authoritative-only server (no upstream,
 no /etc/hosts) on 127.0.0.1 and a free port, answering the PTR and A/AAAA
-records a test gives it. `SlowRelay` forwards each query to it after a delay,
-like a distant resolver, and counts the queries. `DeadResolver` is a bound
+records a test gives it (`refusing`: REFUSED, not NXDOMAIN, for an address
+without one; `failing_via`: a validating dnsmasq in front of another, which
+answers SERVFAIL). `SlowRelay` forwards each query to it after a delay, like
+a distant resolver, and counts the queries. `DeadResolver` is a bound
 UDP port that never answers.
 """
 
@@ -36,6 +38,10 @@ PTR_NAMES = {
     "2001:db8:1:2::": "v6.example.net",
 }
 STARTUP_SECONDS = 5.0
+# the DNS root's key-signing key (KSK-2017) as a DS record, for a validating dnsmasq
+ROOT_TRUST_ANCHOR = (
+    ".,20326,8,2,E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D"
+)
 
 
 def numbered_ptr_names(count, network="203.0.113.0/24"):
@@ -65,16 +71,29 @@ class Dnsmasq:
     """Debian's dnsmasq on 127.0.0.1, serving only the records it is given.
 
     `ptr_names` maps an address to its PTR name (None: no record, so the
-    server answers NXDOMAIN); `host_records` maps a name to its addresses;
-    under `authoritative_for` (a domain) an unknown name gets NXDOMAIN.
+    server answers NXDOMAIN; REFUSED with `refusing`); `host_records` maps a
+    name to its addresses; under `authoritative_for` (a domain) an unknown
+    name gets NXDOMAIN. With `failing_via` (another Dnsmasq, running) it serves
+    nothing itself: it forwards every query there and checks the answer's
+    DNSSEC signatures against the root's trust anchor; unsigned answers fail
+    that check, so it answers SERVFAIL, as a validating resolver does.
     """
 
-    def __init__(self, ptr_names=None, host_records=None, authoritative_for=None):
+    def __init__(
+        self,
+        ptr_names=None,
+        host_records=None,
+        authoritative_for=None,
+        refusing=False,
+        failing_via=None,
+    ):
         self.binary = shutil.which("dnsmasq") or shutil.which("/usr/sbin/dnsmasq")
         require(self.binary is not None, "needs dnsmasq (make system-packages)")
         self.ptr_names = dict(PTR_NAMES if ptr_names is None else ptr_names)
         self.host_records = dict(host_records or {})
         self.authoritative_for = authoritative_for
+        self.refusing = refusing
+        self.failing_via = failing_via
         self.process = None
         self.port = None
 
@@ -91,6 +110,19 @@ class Dnsmasq:
         ]
         if self.authoritative_for:
             records.append(f"--local=/{self.authoritative_for}/")
+        if not self.refusing:
+            # the reverse zones are its own: an address without a record is
+            # NXDOMAIN (else dnsmasq, with no upstream, answers REFUSED)
+            records += ["--local=/in-addr.arpa/", "--local=/ip6.arpa/"]
+        if self.failing_via is not None:
+            # DNSSEC needs dnsmasq's cache; the key is the root zone's KSK-2017
+            records = [
+                f"--server=127.0.0.1#{self.failing_via.port}",
+                "--dnssec",
+                f"--trust-anchor={ROOT_TRUST_ANCHOR}",
+                "--dnssec-check-unsigned",
+            ]
+        cache = [] if self.failing_via is not None else ["--cache-size=0"]
         return [
             self.binary,
             "--keep-in-foreground",
@@ -101,7 +133,7 @@ class Dnsmasq:
             "--listen-address=127.0.0.1",
             f"--port={port}",
             "--pid-file=",
-            "--cache-size=0",
+            *cache,
             *records,
         ]
 

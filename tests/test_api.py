@@ -14,6 +14,7 @@ from appliance import service
 from appliance.models import AuditEntry
 from appliance.models import Block
 from appliance.models import SuspiciousEntry
+from appliance.sources import jsonlines
 from web import create_app
 from web.api import OPENAPI
 
@@ -70,6 +71,26 @@ def test_suspicious_filters_sorts_and_pages_like_the_page(api):
     assert ips(dated) == ["198.51.100.11", "198.51.100.10", "198.51.100.9"]
 
 
+def test_suspicious_sorts_by_a_second_column_for_ties_of_the_first(api):
+    # two senders per type, violations rising with the time last seen
+    for n, threat_type in enumerate(("spam", "spam", "virus", "virus")):
+        add_entry(
+            f"198.51.100.{n}", threat_type, last_seen=NOON + n * 60, violations=n + 1
+        )
+
+    by_type = api.get("/api/v1/suspicious?sort=type&order=asc")
+    then_most = api.get("/api/v1/suspicious?sort=type&order=asc&then=violations")
+    then_fewest = api.get(
+        "/api/v1/suspicious?sort=type&order=desc&then=violations&then_order=asc"
+    )
+
+    # without a second column, ties of an ascending first one go oldest first
+    assert ips(by_type) == [f"198.51.100.{n}" for n in (0, 1, 2, 3)]
+    # violations' first order is most first
+    assert ips(then_most) == [f"198.51.100.{n}" for n in (1, 0, 3, 2)]
+    assert ips(then_fewest) == [f"198.51.100.{n}" for n in (2, 3, 0, 1)]
+
+
 def test_suspicious_entry_carries_its_values_and_its_block(api):
     entry = add_entry("203.0.113.5", "spam", violations=30, messages=120)
     service.block("203.0.113.5", duration=HOUR, actor="cli", reason="test")
@@ -106,6 +127,9 @@ def test_suspicious_entry_carries_its_values_and_its_block(api):
         ("page=0", "page"),
         ("sort=", "sort"),
         ("type=spam&type=", "type"),
+        ("then=country", "then"),
+        ("then=", "then"),
+        ("then=ip&then_order=sideways", "then_order"),
     ],
 )
 def test_suspicious_bad_filter_gets_400_naming_the_field(api, query, field):
@@ -224,6 +248,12 @@ def test_blocking_what_the_guard_protects_is_refused_with_its_reason(api):
         ({"target": "198.51.100.1", "duration": 0}, 400, "1 second to 30 days"),
         ({"target": "198.51.100.1", "duration": 2592001}, 400, "1 second to 30 days"),
         ({"target": "198.51.100.1", "duration": "soon"}, 400, "not a duration"),
+        (
+            {"target": "198.51.100.1", "duration": "\u0663\u0660m"},
+            400,
+            "not a duration",
+        ),
+        ({"target": "198.51.100.1", "duration": "\uff13\uff10"}, 400, "not a duration"),
         ({"target": "198.51.100.1", "duration": True}, 400, "duration is seconds"),
         ({"target": "198.51.100.1", "duration": 1.5}, 400, "duration is seconds"),
         ({"target": "198.51.100.1", "duration": None}, 400, "duration is seconds"),
@@ -312,6 +342,38 @@ def test_bad_or_refused_approval_gets_a_json_reason(api, body, status, message):
     assert response.status_code == status
     assert message in response.json["error"]
     assert [h.target for h in service.approved_hosts()] == ["198.51.100.7"]
+
+
+# text that is no character
+
+
+LONE_SURROGATE = "the body holds '\\ud800': a lone UTF-16 surrogate is not a character"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/blocks", '{"target": "198.51.100.201", "reason": "\\ud800"}'),
+        ("/api/v1/blocks", '{"target": "198.51.100.201", "\\ud800": 1}'),
+        ("/api/v1/approved", '{"target": "198.51.100.201", "note": "\\ud800"}'),
+        ("/api/v1/events", '{"time": 1.0, "ip": "198.51.100.201", "id": "\\ud800"}'),
+        ("/api/v1/events", '[{"ip": ["\\ud800"]}]'),
+    ],
+)
+def test_a_lone_surrogate_in_a_body_gets_400_and_changes_nothing(
+    api, settings, path, body
+):
+    # JSON may escape half a surrogate pair alone; no store could keep it
+    audited = AuditEntry.select().count()
+
+    response = api.post(path, data=body, content_type="application/json")
+
+    assert response.status_code == 400
+    assert response.json == {"error": LONE_SURROGATE}
+    assert Block.select().count() == 0
+    assert service.approved_hosts() == []
+    assert AuditEntry.select().count() == audited
+    assert not jsonlines.spool_path(settings).exists()
 
 
 # the OpenAPI document

@@ -118,6 +118,16 @@ def page(browser, console):
     )
     context.set_default_timeout(10000)
     tab = context.new_page()
+    # the pages' Content-Security-Policy must refuse nothing they need
+    refused = []
+    tab.on(
+        "console",
+        lambda message: (
+            refused.append(message.text)
+            if "Content Security Policy" in message.text
+            else None
+        ),
+    )
     tab.goto("/")
     tab.fill("input[name=username]", "alice")
     tab.fill("input[name=password]", PASSWORD)
@@ -125,6 +135,7 @@ def page(browser, console):
     tab.wait_for_url(f"{console.url}/")
     yield tab
     context.close()
+    assert refused == []
 
 
 def test_log_in_and_filter_by_type_dates_and_ip(page):
@@ -164,7 +175,20 @@ def test_sort_by_two_columns_and_reverse(page):
     by_violations_reversed = ip_column(page)
     page.click("table.log th a:text('Type')")
     by_type = ip_column(page)
-    screenshot(page, "suspicious-sorted")
+    # the second column: the control beside logs per page
+    page.select_option("form.per-page select[name=then]", "violations")
+    page.select_option("form.per-page select[name=then_order]", "desc")
+    page.click("form.per-page button:text('Show')")
+    page.wait_for_url("**then=violations**")
+    by_type_then_violations = ip_column(page)
+    marked = page.inner_text("table.log th:has(a:text('Violations')) .then-key")
+    screenshot(page, "suspicious-sorted-two-columns")
+    page.click("table.log th a:text('Type')")
+    page.wait_for_url("**order=desc**")
+    reversed_first = ip_column(page)
+    page.click("nav.paging a[rel=next]")
+    page.wait_for_url("**page=2**")
+    reversed_second = ip_column(page)
 
     assert by_violations == expected_order(ENTRIES, "violations", "desc")[:10]
     assert by_violations[:3] == ["2001:db8:32::/64", "2001:db8:31::/64", "203.0.113.30"]
@@ -172,7 +196,25 @@ def test_sort_by_two_columns_and_reverse(page):
     assert by_type == expected_order(ENTRIES, "type", "asc")[:10]
     # bounce (n % 4 == 3) first; ascending sorts break ties oldest first
     assert by_type[:3] == ["203.0.113.3", "203.0.113.7", "203.0.113.11"]
-    assert page.get_attribute("th[aria-sort]", "aria-sort") == "ascending"
+    # bounce, then dha, each most violations first
+    assert by_type_then_violations == [
+        *(f"203.0.113.{n}" for n in (27, 23, 19, 15, 11, 7, 3)),
+        *(f"203.0.113.{n}" for n in (30, 26, 22)),
+    ]
+    assert (
+        by_type_then_violations
+        == expected_order(ENTRIES, "type", "asc", "violations", "desc")[:10]
+    )
+    assert marked == "then ▼"
+    # Type reversed keeps the second column: virus, then spam, most violations first
+    assert reversed_first + reversed_second == [
+        *(f"203.0.113.{n}" for n in (29, 25, 21, 17, 13, 9, 5, 1)),
+        *("2001:db8:32::/64", "2001:db8:31::/64"),
+        *(f"203.0.113.{n}" for n in (28, 24, 20, 16, 12, 8, 4)),
+        *(f"203.0.113.{n}" for n in (30, 26, 22)),
+    ]
+    assert "then_order=desc" in page.url
+    assert page.get_attribute("th[aria-sort]", "aria-sort") == "descending"
 
 
 def test_logs_per_page_and_paging_keep_every_filter(page):
@@ -286,10 +328,14 @@ def test_tick_rows_block_temporarily_see_them_listed_and_unblock(page, console):
     page.reload()
     rows = page.locator("table.log tbody tr")
     listed = page.locator("table.log tbody td.ip").all_inner_texts()
-    until = [rows.nth(i).locator("td").nth(4).inner_text() for i in range(rows.count())]
-    kernel = [
-        rows.nth(i).locator("td").nth(8).inner_text() for i in range(rows.count())
-    ]
+    titles = page.locator("table.log thead th").all_inner_texts()
+    until, kernel = (
+        [
+            rows.nth(i).locator("td").nth(titles.index(title)).inner_text()
+            for i in range(rows.count())
+        ]
+        for title in ("Until", "Kernel")
+    )
     screenshot(page, "blocked-list")
 
     assert listed == ["203.0.113.17", "203.0.113.18"]
@@ -419,3 +465,22 @@ def test_overview_shows_the_last_hour(page):
     assert page.locator("section#top-virus td.ip").count() == 0
     assert counts == {"blocked": "1", "suspicious": "1"}
     assert chart_width > 0
+
+
+def test_header_wraps_on_a_narrow_screen(page):
+    page.set_viewport_size({"width": 420, "height": 800})
+    page.goto(f"/?{MARCH_1}")
+
+    overflow = page.evaluate(
+        "() => { const top = document.querySelector('header.top');"
+        " return top.scrollWidth - top.clientWidth; }"
+    )
+    rights = page.eval_on_selector_all(
+        "header.top a, header.top button",
+        "items => items.map(item => item.getBoundingClientRect().right)",
+    )
+    screenshot(page, "header-420px")
+
+    assert overflow == 0
+    assert len(rights) == 9
+    assert max(rights) <= 420

@@ -76,14 +76,14 @@ def test_block_list_and_unblock(run):
     assert status == 0 and out.startswith("198.51.100.7 blocked 2h (until ")
 
     status, out, _ = run("blocks", "--json")
-    rows = json.loads(out)
+    rows = json.loads(out)["blocks"]
     assert [(r["target"], r["action"], r["type"], r["created_by"]) for r in rows] == [
         ("198.51.100.7", "temporary", "manual", "cli")
     ]
 
     assert run("unblock", "198.51.100.7")[0] == 0
-    assert json.loads(run("blocks", "--json")[1]) == []
-    everything = json.loads(run("blocks", "--all", "--json")[1])
+    assert json.loads(run("blocks", "--json")[1])["blocks"] == []
+    everything = json.loads(run("blocks", "--all", "--json")[1])["blocks"]
     assert [(r["target"], r["lift_reason"]) for r in everything] == [
         ("198.51.100.7", "unblocked")
     ]
@@ -135,7 +135,7 @@ def test_approved_address_cannot_be_blocked_and_approving_lifts(run):
     status, out, _ = run("approve", "203.0.113.0/28")
     assert status == 0
     assert out.strip() == "203.0.113.0/28 approved; blocks lifted: 203.0.113.5"
-    assert json.loads(run("blocks", "--json")[1]) == []
+    assert json.loads(run("blocks", "--json")[1])["blocks"] == []
 
     status, _, err = run("block", "203.0.113.9")
     assert status == 2
@@ -171,7 +171,10 @@ def test_options_may_come_before_the_subcommand(tmp_path, capsys):
 
     assert cli.main(["--json", "--config", str(config_path), "blocks"]) == 0
 
-    assert json.loads(capsys.readouterr().out) == []
+    assert json.loads(capsys.readouterr().out) == {
+        "blocks": [],
+        "repeat": {"factor": 2.0, "maximum": 2592000, "period": 604800},
+    }
 
 
 def test_usage_errors_are_one_line(run, capsys):
@@ -283,7 +286,7 @@ def test_block_then_approve_a_domain_name_acts_on_each_address(run_named):
         "lifted": ["192.0.2.77", "2001:db8::77"],
         "refused": [],
     }
-    assert json.loads(run_named("blocks", "--json")[1]) == []
+    assert json.loads(run_named("blocks", "--json")[1])["blocks"] == []
     approved = {(a.target, a.domain) for a in ApprovedHost.select()}
     assert approved == {("192.0.2.77", NAME), ("2001:db8::77", NAME)}
 

@@ -16,6 +16,7 @@ from test_web import add_entry
 from test_web import make_app
 
 from appliance.config import ConfigError
+from web.dns import LOOKUP_FAILED
 from web.dns import NO_NAME
 from web.dns import TIMED_OUT
 from web.dns import DomainName
@@ -140,6 +141,59 @@ def test_an_answer_after_the_budget_shows_timed_out_then_fills_the_cache(dnsmasq
         assert hurried == {"192.0.2.1": TIMED_OUT}
         assert later == {"192.0.2.1": "mail.example.net"}
         assert slow.queries == 1
+
+
+@pytest.fixture(scope="module")
+def refusing():
+    """dnsmasq answering REFUSED for an address it has no record of."""
+    with Dnsmasq(PTR_NAMES, refusing=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def failing(dnsmasq):
+    """A validating dnsmasq in front of the unsigned one: SERVFAIL to everything."""
+    with Dnsmasq({}, failing_via=dnsmasq) as server:
+        yield server
+
+
+def test_refused_and_servfail_show_as_a_failed_lookup_not_as_no_name(refusing, failing):
+    by_refusing = PtrLookup([refusing.nameserver], timeout=1.0)
+    by_failing = PtrLookup([failing.nameserver], timeout=1.0)
+
+    refused = by_refusing.names(["192.0.2.1", "192.0.2.4"])
+    failed = by_failing.names(["192.0.2.1", "192.0.2.4"])
+    by_refusing.close()
+    by_failing.close()
+
+    assert refused == {"192.0.2.1": "mail.example.net", "192.0.2.4": LOOKUP_FAILED}
+    assert failed == {"192.0.2.1": LOOKUP_FAILED, "192.0.2.4": LOOKUP_FAILED}
+
+
+def test_a_failed_lookup_is_kept_30_seconds_only(refusing):
+    now = [1000.0]
+    with SlowRelay(refusing.port, delay=0.0) as counting:
+        ptr = PtrLookup([counting.nameserver], timeout=1.0, clock=lambda: now[0])
+        first = ptr.names(["192.0.2.4"])
+        now[0] += 29
+        cached = ptr.names(["192.0.2.4"])
+        queries_within = counting.queries
+        now[0] += 2
+        again = ptr.names(["192.0.2.4"])
+        ptr.close()
+
+        assert first == cached == again == {"192.0.2.4": LOOKUP_FAILED}
+        assert queries_within == 1
+        assert counting.queries == 2
+
+
+def test_a_failed_lookup_says_so_on_the_page(make_settings, failing):
+    client = console(make_settings, failing.nameserver)
+    add_entry("192.0.2.1")
+
+    response = client.get("/?domains=1")
+
+    assert domain_cells(response) == [("", "(lookup failed)")]
 
 
 def test_a_long_name_is_shortened_around_an_ellipsis():

@@ -316,6 +316,64 @@ def test_chain_and_set_deleted_by_hand_are_repaired_by_next_sync(lab, appliance)
     assert "-A INPUT -j SENDER_FILTER" in appliance.shell("iptables", "-S")
 
 
+def test_matches_is_true_in_sync_and_false_on_each_kind_of_drift(appliance):
+    """The cheap reconcile check reads the headers of both sets and the rules."""
+    desired = {"198.51.100.7": None, "192.0.2.0/28": 3600, "2001:db8:2::/64": None}
+    appliance.sync(desired)
+
+    in_sync = appliance.call("matches", 3)
+    wrong_count = appliance.call("matches", 4)
+    appliance.shell("ipset", "add", "sender_filter_v6", "2001:db8:9::/64")
+    extra_entry = appliance.call("matches", 3)
+    appliance.shell("ipset", "del", "sender_filter_v6", "2001:db8:9::/64")
+    appliance.shell("ipset", "del", "sender_filter_v4", "198.51.100.7")
+    missing_entry = appliance.call("matches", 3)
+    appliance.sync(desired)
+    appliance.shell("iptables", "-F", "SENDER_FILTER")
+    rule_flushed = appliance.call("matches", 3)
+    appliance.sync(desired)
+    appliance.shell("ip6tables", "-D", "INPUT", "-j", "SENDER_FILTER")
+    jump_deleted = appliance.call("matches", 3)
+    appliance.sync(desired)
+    in_sync_again = appliance.call("matches", 3)
+
+    assert (in_sync, in_sync_again) == (True, True)
+    assert appliance.commands[0] == ["ipset", "list", "-t"]
+    assert appliance.ipset_calls("save") == 0
+    assert [wrong_count, extra_entry, missing_entry] == [False, False, False]
+    assert [rule_flushed, jump_deleted] == [False, False]
+
+
+def test_apply_adds_and_removes_only_the_entries_given(appliance):
+    """A new block's way to the kernel: one restore, no `ipset save` of the set."""
+    appliance.sync({"198.51.100.7": None, "2001:db8:2::/64": None})
+
+    change = appliance.call(
+        "apply", {"192.0.2.9": 600, "2001:db8:3::/64": None}, ["198.51.100.7"]
+    )
+
+    assert (change["added"], change["removed"]) == (
+        ["192.0.2.9", "2001:db8:3::/64"],
+        ["198.51.100.7"],
+    )
+    assert sorted(change["enforced"]) == ["192.0.2.9", "2001:db8:3::/64"]
+    assert (appliance.ipset_calls("save"), appliance.ipset_calls("restore")) == (0, 1)
+    assert appliance.enforced() == {"192.0.2.9", "2001:db8:2::/64", "2001:db8:3::/64"}
+
+
+def test_sync_without_the_rule_reports_its_entries_as_not_enforced(appliance):
+    """An entry counts as enforced only while the rule using its set is in place."""
+    appliance.sync({"198.51.100.7": None, "2001:db8:2::/64": None})
+    appliance.shell("iptables", "-F", "SENDER_FILTER")
+
+    flushed = appliance.call("enforced")
+    appliance.shell("iptables", "-A", "SENDER_FILTER", "-j", "RETURN")
+    replaced = appliance.call("enforced")
+
+    assert flushed == ["2001:db8:2::/64"]
+    assert replaced == ["2001:db8:2::/64"]
+
+
 def test_established_connection_is_cut_when_sender_is_blocked(lab, appliance):
     """An open SMTP connection from a newly blocked sender is reset."""
     spammer = lab.add_host("spammer", "198.51.100.7")

@@ -273,3 +273,20 @@ def test_ipv6_sender_is_blocked_per_64(gateway):
     assert refused(neighbour)
     assert not refused(outsider)
     assert set(gateway.entries()) == {"2001:db8:2::/64"}
+
+
+def test_block_of_an_address_that_became_our_own_is_left_out_of_the_kernel(gateway):
+    block = service.block("192.0.2.77", duration=None, actor="cli")
+    other = service.block("198.51.100.9", duration=None, actor="cli")
+    gateway.mx.run("ip", "addr", "add", "192.0.2.77/32", "dev", "eth0")
+
+    gateway.start()
+
+    assert wait_until(lambda: Block.get_by_id(block.id).enforced is False, 5)
+    assert set(gateway.entries()) == {"198.51.100.9"}
+    assert Block.get_by_id(other.id).enforced is True
+    assert gateway.log().count("192.0.2.77 (block #1) left out of the kernel") == 1
+    assert (
+        "it covers the appliance's own address 192.0.2.77, which the guard "
+        "refuses now" in gateway.log()
+    )

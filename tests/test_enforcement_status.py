@@ -1,4 +1,14 @@
-"""Repeat offenders get longer blocks; the kernel status is written per block."""
+"""Repeat offenders get longer blocks; the kernel status is written per block.
+
+Also the daemon's enforcement pass against what it meets outside the kernel:
+a locked database, blocks the guard would refuse now, bad enforcement
+settings. These run the dry-run backend, which needs no privileges.
+"""
+
+import dataclasses
+import logging
+import sqlite3
+import threading
 
 import pytest
 
@@ -89,6 +99,46 @@ def test_manual_blocks_keep_their_duration_but_count_as_offences(settings):
         ("repeat_factor = 0.5", "repeat_factor must be a number from 1 to 100"),
         ("repeat_max = 0", "repeat_max must be an integer from 1 to 2592000"),
         ('iptables = "xt"', "iptables must be one of auto, nft, legacy"),
+        (
+            'chain = "INPUT"',
+            "enforcement.chain = 'INPUT' is a built-in chain; name a chain of its "
+            "own, such as SENDER_FILTER",
+        ),
+        (
+            'chain = "forward"',
+            "enforcement.chain = 'forward' is a built-in chain; name a chain of "
+            "its own, such as SENDER_FILTER",
+        ),
+        (
+            'chain = "SF; iptables -F"',
+            "enforcement.chain must match [A-Za-z0-9_-]{1,28} (letters, digits, "
+            "and the punctuation shown)",
+        ),
+        (
+            f'chain = "{"C" * 29}"',
+            "enforcement.chain must match [A-Za-z0-9_-]{1,28} (letters, digits, "
+            "and the punctuation shown)",
+        ),
+        (
+            'set_v4 = "two words"',
+            "enforcement.set_v4 must match [A-Za-z0-9_.-]{1,31} (letters, digits, "
+            "and the punctuation shown)",
+        ),
+        (
+            f'set_v6 = "{"s" * 32}"',
+            "enforcement.set_v6 must match [A-Za-z0-9_.-]{1,31} (letters, digits, "
+            "and the punctuation shown)",
+        ),
+        ('set_v6 = "sender_filter_v4"', "enforcement.set_v4 and set_v6 must differ"),
+        (
+            "ports = []",
+            'enforcement.ports is a list of ports 1-65535 (1 to 15 of them), or "all"',
+        ),
+        (
+            f"ports = {list(range(1, 17))}",
+            'enforcement.ports is a list of ports 1-65535 (1 to 15 of them), or "all"',
+        ),
+        ('sync_interval = "abc"', "enforcement.sync_interval is not a setting"),
     ],
 )
 def test_bad_enforcement_settings_are_refused(tmp_path, line, message):
@@ -98,6 +148,25 @@ def test_bad_enforcement_settings_are_refused(tmp_path, line, message):
         config.load(path)
 
     assert str(refusal.value) == message
+
+
+def test_run_and_teardown_refuse_a_built_in_chain_in_one_line(tmp_path, capsys):
+    from appliance import cli
+    from enforcement.__main__ import main as enforcement_main
+
+    path = write_config(tmp_path, 'chain = "INPUT"\n')
+
+    ran = cli.main(["run", "--config", str(path)])
+    torn = enforcement_main(["teardown", "--config", str(path)])
+
+    errors = capsys.readouterr().err.splitlines()
+    assert (ran, torn) == (2, 2)
+    assert errors == [
+        "sender-filter run: enforcement.chain = 'INPUT' is a built-in chain; "
+        "name a chain of its own, such as SENDER_FILTER",
+        "python -m enforcement teardown: enforcement.chain = 'INPUT' is a "
+        "built-in chain; name a chain of its own, such as SENDER_FILTER",
+    ]
 
 
 def test_kernel_status_writes_only_rows_whose_answer_changed(settings):
@@ -131,3 +200,73 @@ def test_dry_run_pass_records_every_block_as_not_enforced(settings):
     rows = {b.id: b.enforced for b in Block.select()}
     assert rows == {permanent.id: False, temporary.id: False}
     assert ApplianceState.get_by_id("enforcement").value == "dry-run"
+
+
+def test_locked_database_during_enforcement_is_logged_and_retried(settings, caplog):
+    """A write transaction held elsewhere past the busy timeout stops no pass."""
+    block = service.block("192.0.2.7", duration=None, actor="cli")
+    daemon = Daemon(settings, DryRunBackend(settings))
+    daemon.load()
+    # the same wait as in production, shortened so the test is quick
+    service.db.execute_sql("PRAGMA busy_timeout = 100")
+    holder = sqlite3.connect(settings.database, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+
+    with caplog.at_level(logging.ERROR, logger="appliance.daemon"):
+        daemon.tick()
+        locked = Block.get_by_id(block.id).enforced_checked_at
+        release = threading.Timer(1.5, holder.rollback)
+        release.start()
+        started = daemon._start()
+        release.join()
+    daemon.tick()
+    daemon.expiry.stop()
+    daemon.watcher.close()
+    holder.close()
+
+    failures = [r.getMessage() for r in caplog.records]
+    assert failures[0] == (
+        "enforcement step failed on the database (database is locked); retrying in 1 s"
+    )
+    assert locked is None
+    assert started is True
+    assert Block.get_by_id(block.id).enforced is False
+    assert ApplianceState.get_by_id("enforcement").value == "dry-run"
+
+
+def test_blocks_the_guard_refuses_now_are_left_out_with_one_warning(
+    make_settings, caplog
+):
+    """An address that became the appliance's own, or approved, is not enforced."""
+    settings = make_settings()
+    mine = service.block("198.51.100.0/24", duration=None, actor="cli")
+    approved = service.block("203.0.113.9", duration=None, actor="cli")
+    kept = service.block("192.0.2.7", duration=3600, actor="cli")
+    # approved later through a path that lifts nothing (another gateway's
+    # older version sharing the database)
+    service.ApprovedHost.create(
+        target="203.0.113.0/28",
+        key_first=addresses.key_range(addresses.parse_network("203.0.113.0/28"))[0],
+        key_last=addresses.key_range(addresses.parse_network("203.0.113.0/28"))[1],
+        created_by="cli",
+    )
+    now_own = dataclasses.replace(settings, own_addresses=("198.51.100.1",))
+    backend = DryRunBackend(now_own)
+    daemon = Daemon(now_own, backend)
+
+    with caplog.at_level(logging.WARNING, logger="appliance.kernelfeed"):
+        daemon.enforce(rebuild=True)
+        daemon.enforce()
+    daemon.watcher.close()
+
+    assert backend.enforced() == {"192.0.2.7"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "198.51.100.0/24 (block #1) left out of the kernel: it covers the "
+        "appliance's own address 198.51.100.1, which the guard refuses now; "
+        "lift the block or change the list",
+        "203.0.113.9 (block #2) left out of the kernel: it covers approved "
+        "203.0.113.0/28, which the guard refuses now; lift the block or change "
+        "the list",
+    ]
+    assert (mine.id, approved.id, kept.id) == (1, 2, 3)
+    assert Block.get_by_id(mine.id).enforced is False

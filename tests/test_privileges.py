@@ -191,3 +191,85 @@ def capability_line(status, key):
         if line.startswith(f"{key}:"):
             return line.split()[1]
     return None
+
+
+# read as `nobody`, so the database files stay theirs: each block's kernel
+# status and the enforcement error the daemon published
+STATUS = r"""
+import json, sys
+from appliance import config, models
+from appliance.models import ApplianceState, Block
+models.connect(config.load(sys.argv[1]).database)
+error = ApplianceState.get_or_none(ApplianceState.key == "enforcement_error")
+print(json.dumps({"blocks": {b.target: b.enforced for b in Block.select()},
+                  "error": error.value if error else None}))
+"""
+
+
+def test_flushed_rule_shows_blocks_as_not_enforced_until_setup_runs_again(
+    shared_directory,
+):
+    """Without CAP_NET_RAW the daemon cannot put the rule back: it says so.
+
+    The entries stay in the set, but no block reads "in kernel" while the
+    rule that uses the set is gone, new blocks included; the error is
+    published for the console; `python -m enforcement setup` mends it all.
+    """
+    require_root_tools("ip", "ipset", "iptables", "nft", "setpriv")
+    python, path = python_for(USER)
+    config_path = write_config(shared_directory, backend="kernel")
+    shutil.chown(config_path, USER, "nogroup")
+    env = ["env", f"PYTHONPATH={path}"]
+    cli = [python, "-m", "appliance.cli", "--config", str(config_path)]
+    setup = [*env, python, "-m", "enforcement", "setup", "--config", str(config_path)]
+
+    with Lab() as lab:
+        mx = lab.add_host("mx", MX)
+        spammer = lab.add_host("spammer", SPAMMER)
+        mx.listen(25)
+
+        def as_nobody(*argv, caps=()):
+            return mx.run(*as_user(list(caps), *env, *argv), check=False)
+
+        def status():
+            return json.loads(as_nobody(python, "-c", STATUS, str(config_path)).stdout)
+
+        def wait_for(condition, seconds):
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                seen = status()
+                if condition(seen):
+                    return seen
+                time.sleep(0.2)
+            return status()
+
+        assert as_nobody(*cli, "init").returncode == 0
+        assert mx.run(*setup, check=False).returncode == 0
+        assert as_nobody(*cli, "block", SPAMMER, "--permanent").returncode == 0
+        log_path = shared_directory / "daemon.log"
+        with open(log_path, "w") as output:
+            mx.spawn_logged(output, *as_user(["net_admin"], *env, *cli, "run"))
+        before = wait_for(lambda seen: seen["blocks"][SPAMMER] is True, 15)
+
+        mx.run("iptables", "-F", "SENDER_FILTER")
+        flushed = wait_for(lambda seen: seen["blocks"][SPAMMER] is False, 5)
+        assert as_nobody(*cli, "block", "198.51.100.8", "--permanent").returncode == 0
+        newer = wait_for(lambda seen: seen["blocks"].get("198.51.100.8") is not None, 5)
+        in_set = mx.run("ipset", "test", "sender_filter_v4", "198.51.100.8")
+        connects = spammer.can_connect(MX, 25, timeout=1)
+
+        assert mx.run(*setup, check=False).returncode == 0
+        mended = wait_for(lambda seen: all(seen["blocks"].values()), 5)
+        refused = not spammer.can_connect(MX, 25, timeout=1)
+        print(log_path.read_text()[-3000:])
+
+    assert before["blocks"] == {SPAMMER: True} and before["error"] == ""
+    assert flushed["blocks"] == {SPAMMER: False}
+    assert flushed["error"].startswith(
+        "IPv4 rule of chain SENDER_FILTER is missing and could not be put back"
+    )
+    assert "CAP_NET_RAW" in flushed["error"]
+    assert newer["blocks"] == {SPAMMER: False, "198.51.100.8": False}
+    assert in_set.returncode == 0 and connects
+    assert mended == {"blocks": {SPAMMER: True, "198.51.100.8": True}, "error": ""}
+    assert refused

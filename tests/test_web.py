@@ -2,9 +2,7 @@
 
 import html
 import re
-import shutil
 import socket
-import subprocess
 import time
 from datetime import UTC
 from datetime import datetime
@@ -12,10 +10,8 @@ from datetime import timedelta
 from urllib.parse import parse_qs
 from urllib.parse import urlsplit
 
-import dns.nameserver
-import dns.resolver
 import pytest
-from conftest import require
+from dnsserver import Dnsmasq
 
 from appliance import addresses
 from appliance import cli
@@ -305,6 +301,50 @@ def test_clicking_the_sorted_column_again_reverses_it(client):
     assert all(args["type"] == ["spam"] for args in by_title.values())
 
 
+def test_then_by_control_sorts_ties_by_a_second_column_and_stays(client):
+    # two senders per type; within a type violations fall as the time rises
+    for n, threat_type in enumerate(("spam", "spam", "virus", "virus", "dha")):
+        add_entry(f"198.51.100.{n}", threat_type, NOON + n * 60, violations=10 - n)
+
+    shown = client.get(
+        "/?sort=type&order=asc&then=violations&then_order=asc&per_page=10"
+    )
+
+    body = page_text(shown)
+    control = body.split('class="per-page"')[1].split("</form>")[0]
+    head = body.split("<thead>")[1].split("</thead>")[0]
+    filters = body.split('class="filters"')[1].split("</form>")[0]
+    # dha first; within spam and virus the fewest violations first
+    assert shown_ips(shown) == [f"198.51.100.{n}" for n in (4, 1, 0, 3, 2)]
+    assert "Sorted by Type ▲, then by" in control
+    assert '<option value="violations" selected>Violations</option>' in control
+    assert '<option value="asc" selected>ascending ▲</option>' in control
+    # the first column is no choice for the second
+    assert '<option value="type"' not in control
+    assert "then ▲</span>" in head.split("Violations</a>")[1].split("</th>")[0]
+    # Display Log and every column title keep the second column
+    hidden = dict(re.findall(r'type="hidden" name="(\w+)" value="([^"]*)"', filters))
+    assert (hidden["then"], hidden["then_order"]) == ("violations", "asc")
+    rate = next(u for u in links(shown) if "sort=rate" in u)
+    assert (args_of(rate)["then"], args_of(rate)["then_order"]) == (
+        ["violations"],
+        ["asc"],
+    )
+
+
+def test_then_by_nothing_else_and_a_bad_second_column(client):
+    add_entry("198.51.100.1")
+
+    plain = client.get("/?sort=type&then=")
+    wrong = client.get("/?sort=type&then=country")
+
+    control = page_text(plain).split('class="per-page"')[1].split("</form>")[0]
+    assert '<option value="" selected>' not in control
+    assert "then by" in control
+    assert "then=" not in " ".join(links(plain))
+    assert "&#39;country&#39; is not a column to sort by" in page_text(wrong)
+
+
 # paging
 
 
@@ -366,6 +406,10 @@ def test_logs_per_page_choices(client, per_page):
     [
         ("ip=999.1.1.1", "is not an IP address"),
         ("ip=192.0.2.9/24", "did you mean 192.0.2.0/24"),
+        # the same words as the sender filtering log's search
+        ("ip=fe80::1%25eth0", "zone ids (%) are not sender addresses"),
+        ("ip=2001:db8::1%25eth0/64", "zone ids (%) are not sender addresses"),
+        ("from=%D9%A2%D9%A0%D9%A2%D9%A6-03-01", "is not a date-time"),
         ("from=2026-03-02T00:00&to=2026-03-01T00:00", "before the"),
         ("from=yesterday", "is not a date-time"),
         ("sort=colour", "is not a column to sort by"),
@@ -467,6 +511,23 @@ def test_block_permanently(client):
     assert "203.0.113.9 blocked permanently." in page_text(response)
 
 
+def test_block_reason_and_evidence_count_one_violation_in_the_singular(client):
+    one = add_entry("203.0.113.9", "virus", violations=1, messages=1)
+    more = add_entry("203.0.113.10", "virus", violations=2, messages=3)
+
+    client.post("/suspicious/block", data=block_form([one, more], "permanent"))
+    evidence = page_text(client.get(f"/suspicious/{one.id}"))
+
+    reasons = {block.target: block.reason for block in Block.select()}
+    assert reasons == {
+        "203.0.113.9": "by hand from the Suspicious IP log: virus, "
+        "1 violation in 1 message",
+        "203.0.113.10": "by hand from the Suspicious IP log: virus, "
+        "2 violations in 3 messages",
+    }
+    assert '<dd id="violations">1 violation in 1 message (100.0%)</dd>' in evidence
+
+
 def test_blocked_entry_links_to_its_block(client):
     entry = add_entry("203.0.113.9")
     client.post("/suspicious/block", data=block_form([entry], "permanent"))
@@ -518,6 +579,7 @@ def test_blocking_an_already_blocked_address_says_so(client):
         ({"action": "temporary", "duration": "1h"}, "Tick at least one row"),
         ({"action": "temporary", "duration": "soon"}, "is not a duration"),
         ({"action": "temporary", "duration": "31d"}, "1 second to 30 days"),
+        ({"action": "temporary", "duration": "\u0663\u0660m"}, "is not a duration"),
         ({"action": "explode"}, "Choose Block Temporarily or Block Permanently"),
         ({"action": "permanent", "entry": "x"}, "not entries of the log"),
         ({"action": "permanent", "entry": "999"}, "no longer in the log"),
@@ -595,61 +657,16 @@ def test_unblocking_what_is_not_blocked_says_so(client):
 # domain names
 
 
-def free_udp_port():
-    """A UDP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_dns(port):
-    """Wait until a DNS server on loopback answers."""
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", port)]
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            resolver.resolve_address("203.0.113.9", lifetime=0.2)
-            return
-        except dns.exception.DNSException:
-            time.sleep(0.05)
-    pytest.fail("dnsmasq did not answer")
-
-
 @pytest.fixture
 def dnsmasq():
     """A dnsmasq on loopback serving PTR records for three test senders."""
-    binary = shutil.which("dnsmasq") or shutil.which("/usr/sbin/dnsmasq")
-    require(binary is not None, "needs dnsmasq (make system-packages)")
-    port = free_udp_port()
-    records = {
-        "9.113.0.203.in-addr.arpa": "mail.example.net",
-        "10.113.0.203.in-addr.arpa": "<script>hostile</script>.example",
-        "0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.2.0.0.0.1.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa": (
-            "v6.example.net"
-        ),
+    names = {
+        "203.0.113.9": "mail.example.net",
+        "203.0.113.10": "<script>hostile</script>.example",
+        "2001:db8:1:2::": "v6.example.net",
     }
-    server = subprocess.Popen(
-        [
-            binary,
-            "--no-daemon",
-            f"--port={port}",
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--no-resolv",
-            "--no-hosts",
-            "--pid-file=",
-            *(f"--ptr-record={name},{target}" for name, target in records.items()),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_dns(port)
-        yield port
-    finally:
-        server.terminate()
-        server.wait(timeout=5)
+    with Dnsmasq(names) as server:
+        yield server.port
 
 
 def test_domain_column_shows_ptr_names_as_text(make_settings, dnsmasq):

@@ -71,6 +71,13 @@ def test_adding_an_administrator_who_can_then_log_in(app, client):
         ({"add-username": "bob smith"}, "A name is letters, digits and underscores"),
         ({"add-username": "9lives"}, "A name is letters, digits and underscores"),
         ({"add-username": "alice"}, "Administrator alice already exists."),
+        # names are unique whatever their case
+        ({"add-username": "ALICE"}, "Administrator alice already exists."),
+        ({"add-username": "Alice"}, "Administrator alice already exists."),
+        (
+            {"add-password": " " * 12, "add-confirm": " " * 12},
+            "A password of only spaces is no password.",
+        ),
         ({"add-password": "short", "add-confirm": "short"}, "at least 10 characters"),
         ({"add-confirm": "something else"}, "The two passwords differ."),
     ],
@@ -194,6 +201,10 @@ def test_changing_another_administrators_password_ends_their_sessions(app, clien
     "form, message",
     [
         (password_form("alice", "short", PASSWORD), "at least 10 characters"),
+        (
+            password_form("alice", "\t" + " " * 11, PASSWORD),
+            "A password of only spaces is no password.",
+        ),
         (
             {
                 **password_form("alice", "long enough pass", PASSWORD),

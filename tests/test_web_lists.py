@@ -4,6 +4,7 @@ actions on a block, kernel status, and names re-resolved on a schedule.
 Domain names are served by a real dnsmasq on loopback (tests/dnsserver.py).
 """
 
+import html
 import re
 import time
 from datetime import timedelta
@@ -116,6 +117,8 @@ def test_manual_block_of_a_cidr_permanently(client):
         ({"record": "gone.example.test"}, "gone.example.test does not exist in DNS"),
         ({"duration": "soon"}, "&#39;soon&#39; is not a duration"),
         ({"duration": "31d"}, "a duration is 1 second to 30 days"),
+        # digits are ASCII only, not Arabic-Indic or full-width ones
+        ({"duration": "\u0663\u0660m"}, "&#39;\u0663\u0660m&#39; is not a duration"),
         ({"action": "forever"}, "Not a valid choice"),
     ],
 )
@@ -130,6 +133,19 @@ def test_bad_manual_record_gets_a_message_on_the_form(client, form, message):
     )
     assert len(errors) == 1 and message in errors[0]
     assert Block.select().count() == 0
+
+
+def test_a_message_ending_in_a_question_gets_no_full_stop_after_it(client):
+    data = {"record": "192.0.2.9/24", "action": "temporary", "duration": "1h"}
+
+    on_the_form = client.post("/blocks/add", data=data)
+    on_approval = client.post("/approved/add", data={"record": "192.0.2.9/24"})
+
+    expected = (
+        "&#39;192.0.2.9/24&#39; has host bits set; did you mean 192.0.2.0/24?</p>"
+    )
+    assert f"Not blocked: {expected}" in page_text(on_the_form)
+    assert f"Not approved: {expected}" in page_text(on_approval)
 
 
 def test_manual_block_of_a_domain_blocks_each_address(client):
@@ -196,6 +212,7 @@ def test_extend_pushes_the_end_by_the_chosen_duration(client):
         ("", "Not extended: &#39;&#39; is not a duration"),
         ("30d", "Not extended: 203.0.113.9 would stay blocked more than 30 days"),
         ("0s", "Not extended: a duration is 1 second to 30 days."),
+        ("\uff13\uff10m", "Not extended: &#39;\uff13\uff10m&#39; is not a duration"),
     ],
 )
 def test_bad_extension_says_why(client, duration, message):
@@ -280,6 +297,44 @@ def test_unblock_one_row(client):
     ]
 
 
+# one past SQLite's largest row id: binding it would overflow
+HUGE_ID = 2**63
+GONE = "block #{id} is no longer in force."
+UNKNOWN_ROW = {
+    "/blocks/<int:block_id>/extend": "Not extended: " + GONE,
+    "/blocks/<int:block_id>/permanent": "Not changed: " + GONE,
+    "/blocks/<int:block_id>/approve": "Not approved: " + GONE,
+    "/blocks/<int:block_id>/unblock": "Not unblocked: " + GONE,
+    "/approved/<int:entry_id>/remove": (
+        "Not removed: that approved entry is no longer on the list."
+    ),
+}
+
+
+@pytest.mark.parametrize("row_id", [HUGE_ID, 10**30])
+def test_row_id_past_sqlite_range_is_answered_as_an_unknown_row(client, row_id):
+    rules = [
+        rule for rule in client.application.url_map.iter_rules() if "<int:" in rule.rule
+    ]
+    answers = {}
+    for rule in rules:
+        url = re.sub(r"<int:\w+>", str(row_id), rule.rule)
+        if "POST" in rule.methods:
+            response = client.post(url, data={"duration": "1h"}, follow_redirects=True)
+            answers[rule.rule] = (response.status_code, flashes(response, "refused"))
+        else:
+            response = client.get(url)
+            answers[rule.rule] = (response.status_code, [])
+
+    expected = {
+        path: (200, [message.format(id=row_id)])
+        for path, message in UNKNOWN_ROW.items()
+    }
+    # the evidence page of an entry that is not there
+    expected["/suspicious/<int:entry_id>"] = (404, [])
+    assert answers == expected
+
+
 def test_kernel_status_shows_what_the_last_check_found(client):
     unknown = service.block("203.0.113.1", duration=HOUR, actor="test")
     held = service.block("203.0.113.2", duration=HOUR, actor="test")
@@ -333,6 +388,23 @@ def test_blocked_list_shows_a_hundred_blocks_a_page(client):
     assert "101 active blocks, page 1 of 2." in page_text(first)
     assert shown == ["198.51.100.100"]
     assert 'href="/blocks?page=1" rel="prev"' in page_text(second)
+
+
+@pytest.mark.parametrize("page", ["abc", "0", "-1", "\u0662", "1" * 12])
+def test_a_wrong_page_number_says_so_and_shows_the_first_page(client, page):
+    service.block("198.51.100.1", duration=HOUR, actor="test")
+
+    response = client.get("/blocks", query_string={"page": page})
+
+    errors = re.findall(
+        r'<p class="error" id="error-page">([^<]*)</p>', page_text(response)
+    )
+    assert response.status_code == 200
+    assert [html.unescape(error) for error in errors] == [
+        f"Page {page[:20]!r}: the page is a whole number from 1."
+    ]
+    assert "1 active block." in page_text(response)
+    assert "198.51.100.1</td>" in page_text(response)
 
 
 # the approved list

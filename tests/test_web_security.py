@@ -12,6 +12,7 @@ from test_web import page_text
 from web_session import logged_in
 
 from appliance import config
+from appliance.models import AuditEntry
 from appliance.models import LoginFailure
 
 OPEN = ("auth.login", "static")
@@ -85,6 +86,35 @@ def test_five_failures_refuse_that_address_even_with_the_right_password(app):
     assert logged_in_as(app, right_login(app, "203.0.113.8")) == "alice"
     # another address is not held back
     assert right_login(app, "203.0.113.8").status_code == 302
+
+
+def test_failed_logins_and_the_lock_out_are_in_the_sender_filtering_log(app):
+    for name in ("alice", "mallory", "", "alice", "root", "alice"):
+        fail_login(app, GUESSER, name)
+    right_login(app, GUESSER)
+
+    recorded = [
+        (entry.actor, entry.action, entry.target, entry.detail, entry.source)
+        for entry in AuditEntry.select().order_by(AuditEntry.id)
+        if entry.action != "admin add"
+    ]
+    failed = [
+        ("console", "login failed", GUESSER, f"as {name!r}", GUESSER)
+        for name in ("alice", "mallory")
+    ]
+    assert recorded == [
+        *failed,
+        ("console", "login failed", GUESSER, "without a name", GUESSER),
+        ("console", "login failed", GUESSER, "as 'alice'", GUESSER),
+        ("console", "login failed", GUESSER, "as 'root'", GUESSER),
+        (
+            "console",
+            "login lockout",
+            GUESSER,
+            "5 failed logins in 15 min: refused for 15 min",
+            GUESSER,
+        ),
+    ]
 
 
 def test_the_refusal_lasts_the_lock_out_then_lifts(app):
@@ -232,3 +262,20 @@ def test_logged_in_pages_of_this_part_open(app):
 
     for path in ("/rules", "/admins", "/activity", "/activity?view=actions"):
         assert client.get(path).status_code == 200, path
+
+
+@pytest.mark.parametrize(
+    "path", ["/login", "/suspicious", "/overview", "/static/style.css"]
+)
+def test_pages_refuse_framing_and_run_only_their_own_scripts(app, path):
+    response = logged_in(app).get(path)
+
+    assert response.status_code == 200
+    assert response.headers["X-Frame-Options"] == "DENY"
+    policy = response.headers["Content-Security-Policy"].split("; ")
+    assert "script-src 'self'" in policy
+    assert "frame-ancestors 'none'" in policy
+    # no page holds a script of its own or an event handler attribute
+    body = response.get_data(as_text=True)
+    assert not re.search(r"<script>|<script(?! (src|type=\"application/json\"))", body)
+    assert not re.search(r"\son[a-z]+=", body)

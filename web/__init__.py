@@ -99,6 +99,12 @@ def enforcement_notice():
         return {"notice": "The daemon has not run yet: no block is enforced."}
     if time.time() - heartbeat.updated_at > DAEMON_SILENT:
         return {"notice": "The daemon is not running: blocks are not enforced now."}
+    error = state.get("enforcement_error")
+    if error is not None and error.value:
+        return {
+            "notice": f"ENFORCEMENT ERROR: {error.value}. Blocks shown as NOT in "
+            "kernel are not enforced; see the daemon's log."
+        }
     if backend.value == "dry-run":
         return {
             "notice": "Enforcement is DRY-RUN: the daemon logs what it would block "

@@ -24,6 +24,7 @@ from appliance import admins
 from appliance import service
 from appliance.models import Admin
 from web import auth
+from web.wording import sentence
 
 bp = Blueprint("admins", __name__)
 
@@ -47,6 +48,13 @@ class NewPasswordForm(FlaskForm):
         validators=[EqualTo("password", message="The two passwords differ.")],
     )
 
+    def validate_password(self, field):
+        """Not a password of only spaces (the length is checked above)."""
+        if len(field.data or "") >= admins.SHORTEST_PASSWORD:
+            problem = admins.password_problem(field.data)
+            if problem:
+                raise ValidationError(sentence(problem[0].upper() + problem[1:]))
+
 
 class AddAdminForm(NewPasswordForm):
     """A new administrator's name and password."""
@@ -60,9 +68,10 @@ class AddAdminForm(NewPasswordForm):
     )
 
     def validate_username(self, field):
-        """A name nobody has yet."""
-        if Admin.get_or_none(Admin.username == field.data) is not None:
-            raise ValidationError(f"Administrator {field.data} already exists.")
+        """A name nobody has yet, in any case: alice and Alice are one person."""
+        taken = admins.name_taken(field.data or "")
+        if taken is not None:
+            raise ValidationError(f"Administrator {taken.username} already exists.")
 
 
 class PasswordForm(NewPasswordForm):
@@ -103,7 +112,7 @@ def add():
     try:
         service.add_admin(form.username.data, form.password.data, actor=actor)
     except service.Refused as refusal:
-        form.username.errors.append(f"{refusal}.")
+        form.username.errors.append(sentence(str(refusal)))
         return render_admins(add_form=form)
 
     flash(f"Administrator {form.username.data} added.", "ok")
@@ -124,7 +133,7 @@ def change_password():
             name, form.password.data, actor=f"admin:{g.admin.username}"
         )
     except service.Refused as refusal:
-        form.username.errors.append(f"{refusal}.")
+        form.username.errors.append(sentence(str(refusal)))
         return render_admins(password_form=form)
 
     if name == g.admin.username:
@@ -148,7 +157,7 @@ def remove():
     try:
         admins.remove_admin(name, actor=f"admin:{g.admin.username}")
     except service.Refused as refusal:
-        form.username.errors.append(f"Not removed: {refusal}.")
+        form.username.errors.append(sentence(f"Not removed: {refusal}"))
         return render_admins(remove_form=form)
 
     flash(f"Administrator {name} removed.", "ok")

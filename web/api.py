@@ -43,8 +43,11 @@ DEFAULT_DURATION = 3600
 MAX_TEXT = 500
 BLOCK_KEYS = {"target", "duration", "permanent", "reason"}
 APPROVE_KEYS = {"target", "note"}
-SUSPICIOUS_ARGS = {"type", "from", "to", "ip", "per_page", "sort", "order", "page"}
-CHOICE_ARGS = ("type", "per_page", "sort", "order", "page")
+SUSPICIOUS_ARGS = {
+    *("type", "from", "to", "ip", "per_page"),
+    *("sort", "order", "then", "then_order", "page"),
+}
+CHOICE_ARGS = ("type", "per_page", "sort", "order", "then", "then_order", "page")
 
 
 @bp.record_once
@@ -100,9 +103,9 @@ def post_events():
     body = request.get_data(cache=False)
 
     try:
-        reported = jsonlines.loads_strict(body)
-    except (ValueError, RecursionError) as exc:
-        return error_response(f"the body is not valid JSON: {exc}", 400)
+        reported = decode_body(body)
+    except Refusal as refusal:
+        return refusal_response(refusal)
     if not isinstance(reported, list):
         reported = [reported]
     if not reported:
@@ -295,16 +298,43 @@ def json_object(keys):
     if (request.content_length or 0) > MAX_BODY_BYTES:
         raise Refusal(f"the body is over {MAX_BODY_BYTES} bytes", 413)
     request.max_content_length = MAX_BODY_BYTES
-    try:
-        body = jsonlines.loads_strict(request.get_data(cache=False) or b"null")
-    except (ValueError, RecursionError) as exc:
-        raise Refusal(f"the body is not valid JSON: {exc}") from None
+    body = decode_body(request.get_data(cache=False) or b"null")
     if not isinstance(body, dict):
         raise Refusal("the body must be a JSON object")
     unknown = sorted(set(body) - keys)
     if unknown:
         raise Refusal(f"unknown key {unknown[0]!r}")
     return body
+
+
+def decode_body(data):
+    """A request body's JSON value, its text all characters; raises Refusal.
+
+    JSON may escape half of a UTF-16 surrogate pair alone (`"\\ud800"`): that
+    is no character, so no database or log file could store it.
+    """
+    try:
+        value = jsonlines.loads_strict(data)
+    except (ValueError, RecursionError) as exc:
+        raise Refusal(f"the body is not valid JSON: {exc}") from None
+
+    waiting = [value]
+    while waiting:
+        item = waiting.pop()
+        if isinstance(item, dict):
+            waiting.extend(item.keys())
+            waiting.extend(item.values())
+        elif isinstance(item, list):
+            waiting.extend(item)
+        elif isinstance(item, str) and not item.isascii():
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                raise Refusal(
+                    f"the body holds {item[:40]!r}: a lone UTF-16 surrogate is "
+                    "not a character"
+                ) from None
+    return value
 
 
 def target_of(text):

@@ -17,10 +17,12 @@ from wtforms.validators import Length
 
 from appliance import lists
 from appliance import service
+from web.blocks import MAX_ROW_ID
 from web.blocks import RECORD_HINT
 from web.blocks import actor
 from web.blocks import name_resolver
 from web.blocks import run_action
+from web.wording import sentence
 
 bp = Blueprint("approved", __name__)
 
@@ -61,12 +63,14 @@ def add():
             note=(form.note.data or "").strip(),
         )
     except service.Refused as refusal:
-        form.record.errors.append(f"Not approved: {refusal}.")
+        form.record.errors.append(sentence(f"Not approved: {refusal}"))
         return render_index(form)
 
     for outcome in outcomes:
         if outcome.refused:
-            flash(f"{outcome.target} not approved: {outcome.refused}.", "refused")
+            flash(
+                sentence(f"{outcome.target} not approved: {outcome.refused}"), "refused"
+            )
             continue
         lifted = sorted(set(outcome.lifted))
         lifted_text = f" (block on {', '.join(lifted)} lifted)" if lifted else ""
@@ -77,8 +81,14 @@ def add():
 @bp.post("/approved/<int:entry_id>/remove")
 def remove(entry_id):
     """Take an entry (a domain name: all its addresses) off the approved list."""
+
+    def remove_entry():
+        if not 0 < entry_id <= MAX_ROW_ID:
+            raise service.Refused("that approved entry is no longer on the list")
+        return lists.remove_approved(entry_id, actor=actor())
+
     return run_action(
-        lambda: lists.remove_approved(entry_id, actor=actor()),
+        remove_entry,
         "Not removed",
         lambda removed: flash(f"{', '.join(removed)} no longer approved.", "ok"),
         back="approved.index",

@@ -28,11 +28,14 @@ from appliance import service
 from appliance.resolve import NameResolver
 from appliance.timefmt import format_duration
 from appliance.timefmt import parse_duration
+from web.wording import sentence
 
 bp = Blueprint("blocks", __name__)
 
 PER_PAGE = 100
 RECORD_HINT = "an IP, a CIDR network or a domain name"
+# SQLite row ids are signed 64-bit: a larger id in a URL names no row
+MAX_ROW_ID = 2**63 - 1
 
 
 def checked_duration(text):
@@ -93,8 +96,12 @@ def index():
 
 def render_index(form):
     """The page with `form` (and its messages) above the list."""
-    page = request.args.get("page", "1")
-    page = int(page) if page.isascii() and page.isdigit() and len(page) < 7 else 1
+    page = request.args.get("page", "1").strip()
+    page_error = None
+    if not (page.isascii() and page.isdigit() and len(page) <= 9 and int(page) >= 1):
+        page_error = f"Page {page[:20]!r}: the page is a whole number from 1."
+        page = "1"
+    page = int(page)
 
     in_force = lists.blocks_in_force()
     total = in_force.count()
@@ -109,7 +116,9 @@ def render_index(form):
         total=total,
         page=page,
         pages=pages,
+        page_error=page_error,
         dry_run=lists.enforcement_backend() == "dry-run",
+        settings=current_app.extensions["settings"],
     )
 
 
@@ -122,16 +131,20 @@ def add():
 
     duration = form.duration.seconds if form.action.data == "temporary" else None
     span = f"for {format_duration(duration)}" if duration else "permanently"
+    record = service.sender_record(form.record.data)
+    if record != form.record.data.strip():
+        span += f" (IPv6 senders are blocked per network: {form.record.data.strip()}"
+        span += f" is in {record})"
     try:
         outcomes = lists.block_record(
-            form.record.data,
+            record,
             duration=duration,
             actor=actor(),
             names=name_resolver(),
             reason=(form.reason.data or "").strip() or "by hand from the Blocked list",
         )
     except service.Refused as refusal:
-        form.record.errors.append(f"Not blocked: {refusal}.")
+        form.record.errors.append(sentence(f"Not blocked: {refusal}"))
         return render_index(form)
 
     report(outcomes, f"blocked {span}", "not blocked")
@@ -145,7 +158,7 @@ def report(outcomes, done, refused):
         flash(f"{', '.join(succeeded)} {done}.", "ok")
     for outcome in outcomes:
         if outcome.refused:
-            flash(f"{outcome.target} {refused}: {outcome.refused}.", "refused")
+            flash(sentence(f"{outcome.target} {refused}: {outcome.refused}"), "refused")
 
 
 def run_action(action, refused, done, back="blocks.index"):
@@ -153,10 +166,17 @@ def run_action(action, refused, done, back="blocks.index"):
     try:
         result = action()
     except service.Refused as refusal:
-        flash(f"{refused}: {refusal}.", "refused")
+        flash(sentence(f"{refused}: {refusal}"), "refused")
     else:
         done(result)
     return redirect(url_for(back))
+
+
+def in_force(block_id):
+    """`block_id` when a row can have it; Refused as for a lifted block if not."""
+    if not 0 < block_id <= MAX_ROW_ID:
+        raise service.Refused(f"block #{block_id} is no longer in force")
+    return block_id
 
 
 def targets_of(group):
@@ -175,7 +195,7 @@ def extend(block_id):
     try:
         seconds = checked_duration(request.form.get("duration", "").strip())
     except ValidationError as problem:
-        flash(f"Not extended: {problem}.", "refused")
+        flash(sentence(f"Not extended: {problem}"), "refused")
         return redirect(url_for("blocks.index"))
 
     def extended(group):
@@ -184,7 +204,9 @@ def extend(block_id):
         flash(f"{targets_of(group)} blocked {span} longer, until {until} UTC.", "ok")
 
     return run_action(
-        lambda: lists.extend(block_id, seconds, actor=actor()), "Not extended", extended
+        lambda: lists.extend(in_force(block_id), seconds, actor=actor()),
+        "Not extended",
+        extended,
     )
 
 
@@ -192,7 +214,7 @@ def extend(block_id):
 def make_permanent(block_id):
     """Make a temporary block permanent."""
     return run_action(
-        lambda: lists.make_permanent(block_id, actor=actor()),
+        lambda: lists.make_permanent(in_force(block_id), actor=actor()),
         "Not changed",
         lambda group: flash(f"{targets_of(group)} blocked permanently now.", "ok"),
     )
@@ -202,7 +224,7 @@ def make_permanent(block_id):
 def approve(block_id):
     """Move a block to the approved list: approve its target, which lifts it."""
     return run_action(
-        lambda: lists.move_to_approved(block_id, actor=actor()),
+        lambda: lists.move_to_approved(in_force(block_id), actor=actor()),
         "Not approved",
         lambda outcomes: report(
             outcomes, "moved to the approved list (block lifted)", "not approved"
@@ -214,7 +236,7 @@ def approve(block_id):
 def unblock_one(block_id):
     """Lift one block (a domain name's row: all its blocks)."""
     return run_action(
-        lambda: lists.unblock_block(block_id, actor=actor()),
+        lambda: lists.unblock_block(in_force(block_id), actor=actor()),
         "Not unblocked",
         flash_unblocked,
     )

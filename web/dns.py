@@ -19,13 +19,16 @@ log = logging.getLogger(__name__)
 
 NO_NAME = "(no name)"
 TIMED_OUT = "(timed out)"
+# the servers answered with an error (SERVFAIL, REFUSED), not with "no name"
+LOOKUP_FAILED = "(lookup failed)"
 # the longest a page waits for names, whatever the per-lookup timeout
 PAGE_BUDGET = 1.2
 # how long an answer is reused, in seconds: a name (the record's TTL, kept
-# within these bounds), no name, a timeout
+# within these bounds), no name, a timeout, a failure
 NAME_TTL = (60.0, 3600.0)
 NO_NAME_TTL = 300.0
 TIMED_OUT_TTL = 60.0
+FAILED_TTL = 30.0
 # enough threads to look up a whole 100-row page at once
 WORKERS = 100
 # the most addresses kept; past it the least recently shown are dropped
@@ -128,20 +131,27 @@ class PtrLookup:
         return name
 
     def _lookup(self, address):
-        """One PTR query: (the name or why none, seconds to keep it); never raises."""
+        """One PTR query: (the name or why none, seconds to keep it); never raises.
+
+        Only an answer saying there is no such record is "no name"; a server
+        error (SERVFAIL, REFUSED) or any other failure is a failed lookup.
+        """
         if self.resolver is None:
-            return NO_NAME, NO_NAME_TTL
+            return LOOKUP_FAILED, FAILED_TTL
         try:
             answer = self.resolver.resolve_address(address, lifetime=self.timeout)
         except dns.resolver.LifetimeTimeout:
             log.debug("%s PTR lookup timed out", address)
             return TIMED_OUT, TIMED_OUT_TTL
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as exc:
+            log.debug("%s has no PTR name: %s", address, exc)
+            return NO_NAME, NO_NAME_TTL
         except dns.exception.DNSException as exc:
             log.debug("%s PTR lookup failed: %s", address, exc)
-            return NO_NAME, NO_NAME_TTL
+            return LOOKUP_FAILED, FAILED_TTL
         except Exception:
             log.exception("%s PTR lookup failed unexpectedly", address)
-            return NO_NAME, NO_NAME_TTL
+            return LOOKUP_FAILED, FAILED_TTL
         names = [record.target.to_text(omit_final_dot=True) for record in answer]
         if not names:
             return NO_NAME, NO_NAME_TTL
@@ -155,7 +165,7 @@ def make_resolver(nameservers):
         try:
             return dns.resolver.Resolver()
         except (dns.resolver.NoResolverConfiguration, OSError) as exc:
-            log.warning("no system resolver (%s); domain names show as none", exc)
+            log.warning("no system resolver (%s); name lookups fail", exc)
             return None
     try:
         servers = [nameserver(text) for text in nameservers]

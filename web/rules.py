@@ -1,5 +1,6 @@
 """The Rules page: each threat type's SPEC §2 settings, and "restore defaults"."""
 
+import re
 from dataclasses import asdict
 
 from flask import Blueprint
@@ -21,6 +22,7 @@ from appliance import service
 from appliance.config import THREAT_TYPES
 from appliance.timefmt import format_duration
 from appliance.timefmt import parse_duration
+from web.wording import sentence
 
 bp = Blueprint("rules", __name__)
 
@@ -30,6 +32,8 @@ MEANINGS = {
     "dha": "directory harvest: the transaction named recipients that do not exist",
     "bounce": "bounced-mail attack: a delivery status notification (null sender)",
 }
+# a rate as typed: ASCII digits, a decimal part, a percent sign (20, 12.5%)
+PERCENT = re.compile(r"\d{1,3}(?:\.\d{1,6})?%?", re.ASCII)
 ACTION_CHOICES = [
     SelectChoice("temporary", "Block temporarily"),
     SelectChoice("permanent", "Block permanently"),
@@ -42,13 +46,13 @@ class RuleForm(FlaskForm):
 
     enabled = BooleanField("Enabled")
     window = StringField("Window", description="1 minute to 30 days: 30m, 1h, 2d")
-    rate = StringField("Rate (%)", description="percent of messages, 0 to 100")
-    messages = StringField("Messages", description="more than this many")
+    rate = StringField("Rate (%)", description="above this percent, 0 to 100")
+    messages = StringField("Messages", description="above this many, 0 or more")
     action = SelectField("Action", choices=ACTION_CHOICES)
     duration = StringField("Block for", description="1 second to 30 days: 1h, 7d")
-    recipients = StringField("Recipients", description="more than this many")
+    recipients = StringField("Recipients", description="above this many, 0 or more")
     unknown_recipients = StringField(
-        "Unknown recipients", description="more than this many"
+        "Unknown recipients", description="above this many, 0 or more"
     )
 
     def validate_window(self, field):
@@ -60,13 +64,11 @@ class RuleForm(FlaskForm):
         self.values["duration"] = duration_in(field, 1)
 
     def validate_rate(self, field):
-        """A percentage."""
-        try:
-            rate = float(field.data.strip().rstrip("%"))
-        except ValueError:
-            rate = None
+        """A percentage: ASCII digits, an optional decimal part and % sign."""
+        text = (field.data or "").strip()
+        rate = float(text.rstrip("%")) if PERCENT.fullmatch(text) else None
         if rate is None or not 0 <= rate <= 100:
-            raise ValidationError("The rate is a number from 0 to 100, such as 20.")
+            raise ValidationError("Write a number from 0 to 100, such as 20.")
         self.values["rate"] = rate
 
     def validate_messages(self, field):
@@ -163,7 +165,7 @@ def save(threat_type):
     try:
         changes = rules.save(threat_type, values, actor=f"admin:{g.admin.username}")
     except service.Refused as refusal:
-        flash(f"Not saved: {refusal}.", "refused")
+        flash(sentence(f"Not saved: {refusal}"), "refused")
         return render_rules({threat_type: form})
 
     if changes:

@@ -30,6 +30,8 @@ from appliance.timefmt import format_duration
 from appliance.timefmt import parse_duration
 from web.dns import DomainName
 from web.dns import lookup_address
+from web.wording import counted
+from web.wording import sentence
 
 bp = Blueprint("suspicious", __name__)
 
@@ -134,6 +136,8 @@ def render_log(query, errors, block_errors=(), duration_text=""):
         blocks=blocks,
         names=names,
         columns=columns,
+        column_labels=dict(columns),
+        arrows={"asc": "▲", "desc": "▼"},
         first_order=FIRST_ORDER,
         threat_types=THREAT_TYPES,
         per_page_choices=PER_PAGE_CHOICES,
@@ -178,7 +182,7 @@ def check_block_form(action, ticked, duration_text):
         try:
             duration = parse_duration(duration_text)
         except ValueError as exc:
-            problems.append(f"Duration: {exc}.")
+            problems.append(sentence(f"Duration: {exc}"))
         if duration is not None and not 0 < duration <= MAX_DURATION:
             problems.append("Duration: a temporary block lasts 1 second to 30 days.")
     return problems, entries, duration
@@ -202,7 +206,8 @@ def block_entries(entries, action, duration, actor):
             span = f"for {format_duration(seconds)} (the {entry.threat_type} rule's)"
         reason = (
             f"by hand from the Suspicious IP log: {entry.threat_type}, "
-            f"{entry.violations} violations in {entry.messages} messages"
+            f"{counted(entry.violations, 'violation')} in "
+            f"{counted(entry.messages, 'message')}"
         )
 
         try:
@@ -222,7 +227,7 @@ def block_entries(entries, action, duration, actor):
                 ),
             )
         except (service.Refused, addresses.AddressError) as refusal:
-            yield "refused", f"{entry.sender} not blocked: {refusal}."
+            yield "refused", sentence(f"{entry.sender} not blocked: {refusal}")
         else:
             yield "ok", f"{entry.sender} blocked {span}."
 
@@ -245,3 +250,6 @@ def page_numbers(page, pages):
             shown.append(None)
         shown.append(number)
     return shown
+
+
+bp.add_app_template_filter(counted, "counted")

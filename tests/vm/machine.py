@@ -148,9 +148,14 @@ class Machine:
         )
         recap = RECAP.search(result.stdout)
         if result.returncode != 0 or recap is None:
+            journal = self.ssh(
+                "journalctl -u sender-filter -u sender-filter-web --no-pager -n 60",
+                check=False,
+            )
             raise MachineError(
                 f"ansible-playbook exited {result.returncode}:\n"
-                f"{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
+                f"{result.stdout[-6000:]}\n{result.stderr[-2000:]}\n"
+                f"the services' journal:\n{journal.stdout[-6000:]}"
             )
         return {key: int(value) for key, value in recap.groupdict().items()}, result
 
