@@ -384,16 +384,8 @@ class Correlator:
         else:
             transaction.ts = record.ts
             message = 0
-        return self._charge(
-            record.ts,
-            transaction,
-            message,
-            violations,
-            recipients,
-            unknown,
-            session,
-            stage=record.stage,
-            guess=record.guess,
+        return self._charge_line(
+            record, transaction, message, violations, recipients, unknown, session
         )
 
     def _charge_group(self, record, violations, recipients, unknown, close):
@@ -409,16 +401,14 @@ class Correlator:
         if close:
             del self.groups[record.session]
         session = self._session_of(record.session, record.ip)
+        return self._charge_line(
+            record, group, message, violations, recipients, unknown, session
+        )
+
+    def _charge_line(self, record, transaction, *counts):
+        """`_charge` for a line read by `maillog.parse`: its time, stage and guess."""
         return self._charge(
-            record.ts,
-            group,
-            message,
-            violations,
-            recipients,
-            unknown,
-            session,
-            stage=record.stage,
-            guess=record.guess,
+            record.ts, transaction, *counts, stage=record.stage, guess=record.guess
         )
 
     def _charge(
