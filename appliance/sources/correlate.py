@@ -148,15 +148,7 @@ class Correlator:
         self.lines += len(lines)
         stamps = self.stamps
         hot = HOT.match
-        known_address = logline.known_address
-        group = HOT.groupindex
-        removed_id, queued_id, sender = (
-            group["removed_id"],
-            group["queued_id"],
-            group["from"],
-        )
-        nrcpt, smtpd, client_id = group["nrcpt"], group["smtpd"], group["client_id"]
-        connect_ip, client_ip = group["connect_ip"], group["client_ip"]
+        address = logline.address
         for line in lines:
             if line.startswith(stamps.last_prefix):
                 stamp = stamps.last_found
@@ -178,20 +170,22 @@ class Correlator:
                 # amavis found nothing: the transaction is charged nothing more
                 continue
             if kind == "removed":
-                self.queue.pop(found[removed_id], None)
+                self.queue.pop(found["removed_id"], None)
             elif kind == "connect":
-                self._connect(found[smtpd], known_address(found[connect_ip]), ts)
+                self._connect(found["smtpd"], address(found["connect_ip"]), ts)
             elif kind == "client":
-                ip = known_address(found[client_ip])
-                events += self._client(found[client_id], found[smtpd], ip, ts)
+                ip = address(found["client_ip"])
+                events += self._client(found["client_id"], found["smtpd"], ip, ts)
             elif kind == "queued":
                 self.line = line
-                recipients = int(found[nrcpt])
-                events += self._queued(found[queued_id], found[sender], recipients, ts)
+                recipients = int(found["nrcpt"])
+                events += self._queued(
+                    found["queued_id"], found["from"], recipients, ts
+                )
             else:
-                ip = known_address(found["disconnect_ip"])
+                ip = address(found["disconnect_ip"])
                 counters = postfix.session_counters(line, found.end())
-                events += self._disconnect(found[smtpd], ip, counters, ts)
+                events += self._disconnect(found["smtpd"], ip, counters, ts)
         return events
 
     def _feed_parsed(self, line):

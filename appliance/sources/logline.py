@@ -84,12 +84,6 @@ SKIPPED_LINE = LogLine(SKIPPED)
 _addresses = {}
 
 
-def known_address(text):
-    """`address(text)`, from the cache when it holds it (most addresses repeat)."""
-    found = _addresses.get(text, False)
-    return address(text) if found is False else found
-
-
 def address(text):
     """A client address as normalised text; None if not one, or one never charged.
 
