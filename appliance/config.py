@@ -27,6 +27,7 @@ ENFORCEMENT_KEYS = {
     "repeat_period",
     "repeat_factor",
     "repeat_max",
+    "setup_request",
 }
 # chains iptables and ip6tables have built in: ours must never be one of them
 BUILTIN_CHAINS = ("INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING")
@@ -79,6 +80,9 @@ class Settings:
     repeat_period: int = 7 * 86400
     repeat_factor: float = 2.0
     repeat_max: int = 30 * 86400
+    # written when a missing rule needs the privileged setup step (see
+    # docs/enforcement.md); None: only logged and shown
+    setup_request: Path | None = None
     web_host: str = "127.0.0.1"
     web_port: int = 8080
     secret_key_file: Path = Path("var/secret_key")
@@ -210,6 +214,7 @@ def from_mapping(raw, path):
         repeat_period=_int(enforcement, "repeat_period", 7 * 86400, 0, 365 * 86400),
         repeat_factor=_factor(enforcement, "repeat_factor", 2.0),
         repeat_max=_int(enforcement, "repeat_max", 30 * 86400, 1, 30 * 86400),
+        setup_request=_optional_path(enforcement, "setup_request", resolve),
         web_host=web.get("host", "127.0.0.1"),
         web_port=_int(web, "port", 8080, 1, 65535),
         secret_key_file=resolve(web.get("secret_key_file", "secret_key")),
@@ -299,6 +304,16 @@ def _name(section, key, default, pattern):
             "and the punctuation shown)"
         )
     return value
+
+
+def _optional_path(section, key, resolve):
+    """A file path setting that may be left out (None), relative to the config."""
+    value = section.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise ConfigError(f"{key} must be a file path")
+    return resolve(value)
 
 
 def _choice(section, key, default, allowed):

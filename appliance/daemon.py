@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -30,6 +31,24 @@ FULL_RECONCILE_EVERY = 30.0
 # how often the profiler's rules are read again from the database
 RULES_EVERY = 5.0
 RETRY_AFTER = 1.0
+
+
+def notify_ready():
+    """Tell systemd the blocks are back in the kernel (a `Type=notify` unit).
+
+    The whole protocol is one datagram to $NOTIFY_SOCKET; units ordered after
+    this one (Postfix) start only then. Without systemd it does nothing.
+    """
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.sendto(b"READY=1", address)
+    except OSError as exc:
+        log.error("telling systemd the daemon is ready failed: %s", exc)
 
 
 class Daemon:
@@ -95,6 +114,7 @@ class Daemon:
             ", ".join(s.path for s in self.sources) or "no log files",
             self.backend.name,
         )
+        notify_ready()
 
         try:
             while not self.stopping.is_set():
@@ -284,6 +304,8 @@ class Daemon:
             status, self.kernel_status, now
         )
         problems = list(change.errors)
+        if change.needs_setup:
+            self._ask_for_setup(change.errors)
         if change.overflow:
             problems.append(
                 f"{len(change.overflow)} blocks NOT enforced: the kernel sets are full"
@@ -292,6 +314,22 @@ class Daemon:
         service.publish_state(
             kernel_checked_at=now, enforcement_error="; ".join(problems)
         )
+
+    def _ask_for_setup(self, errors):
+        """Write the setup request file, for a privileged watcher to act on.
+
+        The deployment's `sender-filter-setup.path` unit runs `python -m
+        enforcement setup` as root when this file appears (and removes it).
+        """
+        request = self.settings.setup_request
+        if request is None or request.exists():
+            return
+        try:
+            request.write_text("\n".join(errors) + "\n")
+        except OSError as exc:
+            log.error("writing the setup request %s failed: %s", request, exc)
+            return
+        log.warning("asked for the privileged setup step: wrote %s", request)
 
     def _schedule_blocks(self):
         """Give the scheduler the temporary blocks it has no job for yet."""

@@ -22,6 +22,7 @@ from enforcement.plan import fit
 from enforcement.plan import wanted_state
 from enforcement.rules import FAMILIES
 from enforcement.rules import EnforcementError
+from enforcement.rules import SetLookupDenied
 from enforcement.rules import chain_rules
 from enforcement.rules import rules_driver
 
@@ -98,7 +99,7 @@ class KernelBackend:
         when a rule cannot be written.
         """
         with self._lock:
-            repaired, errors = self._put_back()
+            repaired, errors, _denied = self._put_back()
             if errors:
                 raise EnforcementError("; ".join(errors))
             return repaired
@@ -114,9 +115,9 @@ class KernelBackend:
         with self._lock:
             held, present = self._read_sets()
             repaired = self._create_sets(present)
-            errors = []
+            errors, denied = [], False
             if check_rules:
-                more, errors = self._put_back_rules()
+                more, errors, denied = self._put_back_rules()
                 repaired += more
             for what in repaired:
                 log.warning("kernel drift repaired: %s was missing and is back", what)
@@ -124,6 +125,7 @@ class KernelBackend:
             change = fit(compare(held, wanted_state(desired)), held, self.set_size)
             change.repaired = repaired
             change.errors = errors
+            change.needs_setup = denied
 
             self._restore(self._change_batch(change))
             now_held = (held.keys() - set(change.removed)) | set(change.added)
@@ -155,7 +157,7 @@ class KernelBackend:
     def rebuild(self, desired):
         """Load `desired` into fresh sets and swap them in, all at once."""
         with self._lock:
-            repaired, errors = self._put_back()
+            repaired, errors, denied = self._put_back()
             for what in repaired:
                 log.info("kernel: %s created", what)
             held, present = self._read_sets()
@@ -164,6 +166,7 @@ class KernelBackend:
             change = compare(held, wanted) if held else room
             change.overflow = room.overflow
             change.errors = errors
+            change.needs_setup = denied
 
             batch = []
             for family in FAMILIES:
@@ -261,15 +264,20 @@ class KernelBackend:
         return self.rules_in_place
 
     def _put_back(self):
-        """Create missing sets and rules: (what was put back, what could not be)."""
+        """Create missing sets and rules: as `_put_back_rules`, sets included."""
         _held, present = self._read_sets()
         repaired = self._create_sets(present)
-        more, errors = self._put_back_rules()
-        return repaired + more, errors
+        more, errors, denied = self._put_back_rules()
+        return repaired + more, errors, denied
 
     def _put_back_rules(self):
-        """Write each family's rule where it is missing; (done, errors) in words."""
-        repaired, errors = [], []
+        """Write each family's rule where it is missing.
+
+        Returns (what was put back, what could not be) in words, and whether
+        a failure was iptables lacking CAP_NET_RAW, which only the privileged
+        setup step can mend.
+        """
+        repaired, errors, denied = [], [], False
         for family, in_place in self._check_rules().items():
             if in_place:
                 continue
@@ -277,6 +285,7 @@ class KernelBackend:
             try:
                 self.driver.install(family)
             except EnforcementError as exc:
+                denied = denied or isinstance(exc, SetLookupDenied)
                 errors.append(
                     f"IPv{family} rule of chain {chain} is missing and could not "
                     f"be put back: {exc}"
@@ -284,7 +293,7 @@ class KernelBackend:
                 continue
             self.rules_in_place[family] = True
             repaired.append(f"IPv{family} rule of chain {chain}")
-        return repaired, errors
+        return repaired, errors, denied
 
     def _with_rule(self, entries):
         """The entries whose family's rule the last check found in place."""

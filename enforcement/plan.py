@@ -36,6 +36,8 @@ class Change:
     enforces (in its set, with its family's rule in place), `repaired` says
     which sets or rules had to be put back, `errors` what could not be put
     back, and `overflow` lists the entries left out because their set was full.
+    `needs_setup` says a missing rule can only be written by the privileged
+    setup step (`python -m enforcement setup`): this process lacks CAP_NET_RAW.
     """
 
     added: list[str] = field(default_factory=list)
@@ -46,6 +48,7 @@ class Change:
     repaired: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     overflow: list[str] = field(default_factory=list)
+    needs_setup: bool = False
 
     def __bool__(self):
         """Whether the sync changes anything at all."""

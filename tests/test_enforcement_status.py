@@ -139,6 +139,8 @@ def test_manual_blocks_keep_their_duration_but_count_as_offences(settings):
             'enforcement.ports is a list of ports 1-65535 (1 to 15 of them), or "all"',
         ),
         ('sync_interval = "abc"', "enforcement.sync_interval is not a setting"),
+        ("setup_request = 1", "setup_request must be a file path"),
+        ('setup_request = "  "', "setup_request must be a file path"),
     ],
 )
 def test_bad_enforcement_settings_are_refused(tmp_path, line, message):
@@ -148,6 +150,14 @@ def test_bad_enforcement_settings_are_refused(tmp_path, line, message):
         config.load(path)
 
     assert str(refusal.value) == message
+
+
+def test_setup_request_is_a_path_beside_the_config_or_none(tmp_path):
+    given = config.load(write_config(tmp_path, 'setup_request = "run/setup"\n'))
+    absent = config.load(write_config(tmp_path))
+
+    assert given.setup_request == tmp_path / "run" / "setup"
+    assert absent.setup_request is None
 
 
 def test_run_and_teardown_refuse_a_built_in_chain_in_one_line(tmp_path, capsys):

@@ -206,18 +206,23 @@ print(json.dumps({"blocks": {b.target: b.enforced for b in Block.select()},
 """
 
 
-def test_flushed_rule_shows_blocks_as_not_enforced_until_setup_runs_again(
+def test_flushed_rule_asks_for_the_setup_step_and_shows_blocks_not_enforced(
     shared_directory,
 ):
-    """Without CAP_NET_RAW the daemon cannot put the rule back: it says so.
+    """Without CAP_NET_RAW the daemon cannot put the rule back: it asks for it.
 
-    The entries stay in the set, but no block reads "in kernel" while the
-    rule that uses the set is gone, new blocks included; the error is
-    published for the console; `python -m enforcement setup` mends it all.
+    It writes the setup request file (on which the deployment's path unit
+    runs the setup step as root); until then no block reads "in kernel"
+    while the rule that uses the set is gone, new blocks included, and the
+    error is published for the console. The test then does what that unit
+    does: removes the request and runs `python -m enforcement setup`.
     """
     require_root_tools("ip", "ipset", "iptables", "nft", "setpriv")
     python, path = python_for(USER)
-    config_path = write_config(shared_directory, backend="kernel")
+    request = shared_directory / "setup-wanted"
+    config_path = write_config(
+        shared_directory, f'setup_request = "{request.name}"\n', backend="kernel"
+    )
     shutil.chown(config_path, USER, "nogroup")
     env = ["env", f"PYTHONPATH={path}"]
     cli = [python, "-m", "appliance.cli", "--config", str(config_path)]
@@ -257,13 +262,26 @@ def test_flushed_rule_shows_blocks_as_not_enforced_until_setup_runs_again(
         newer = wait_for(lambda seen: seen["blocks"].get("198.51.100.8") is not None, 5)
         in_set = mx.run("ipset", "test", "sender_filter_v4", "198.51.100.8")
         connects = spammer.can_connect(MX, 25, timeout=1)
+        asked = request.read_text() if request.exists() else None
+        owner = request.owner() if request.exists() else None
 
+        request.unlink(missing_ok=True)
         assert mx.run(*setup, check=False).returncode == 0
         mended = wait_for(lambda seen: all(seen["blocks"].values()), 5)
         refused = not spammer.can_connect(MX, 25, timeout=1)
+        # a pass that read the rule missing during the setup may have asked
+        # again; once mended, the next passes (every 2 s) ask no more
+        request.unlink(missing_ok=True)
+        time.sleep(2.5)
+        asked_again = request.exists()
         print(log_path.read_text()[-3000:])
 
     assert before["blocks"] == {SPAMMER: True} and before["error"] == ""
+    assert asked == flushed["error"] + "\n" and owner == USER
+    assert f"asked for the privileged setup step: wrote {request}" in (
+        log_path.read_text()
+    )
+    assert not asked_again
     assert flushed["blocks"] == {SPAMMER: False}
     assert flushed["error"].startswith(
         "IPv4 rule of chain SENDER_FILTER is missing and could not be put back"

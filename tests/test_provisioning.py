@@ -97,6 +97,10 @@ def render_config(**overrides):
         undefined=jinja2.StrictUndefined,
     )
     environment.filters["to_json"] = json.dumps
+    # defaults made of other defaults, as Ansible renders them (facts aside)
+    for name, value in values.items():
+        if isinstance(value, str) and "{{ sender_filter_" in value:
+            values[name] = environment.from_string(value).render(values)
     return environment.get_template("config.toml.j2").render(values)
 
 
@@ -111,6 +115,10 @@ def test_config_template_with_defaults_is_read_by_the_appliance(tmp_path):
     assert settings.secret_key_file == Path("/etc/sender-filter/secret_key")
     assert settings.enforcement == "kernel"
     assert settings.ports == (25, 465, 587)
+    assert settings.iptables == "nft"
+    assert settings.setup_request == Path(
+        "/var/lib/sender-filter/enforcement-setup-wanted"
+    )
     assert settings.rule_defaults("dha") == config.RuleDefaults()
 
 
