@@ -205,14 +205,26 @@ def test_harvest_flood_gets_the_sender_blocked_in_the_kernel(appliance):
     harvester = appliance["harvester"]
     clock = appliance["clock"]
 
+    # the block may land while the flood still runs: the session in hand is
+    # then cut (the rule resets it) or the next one refused; the flood ends
+    refused = []
     for session in range(FLOOD_SESSIONS):
         unknown = ",".join(f"nobody{session}-{n}@example.org" for n in range(3))
         status, transcript = swaks(
             harvester, "--from", "probe@example.net", "--to", unknown,
             "--quit-after", "RCPT",
         )  # fmt: skip
-        assert "550 5.1.1" in transcript, transcript
-    clock.lap(f"flood of {FLOOD_SESSIONS} harvest sessions")
+        refused.append(transcript.count("550 5.1.1"))
+        if "550 5.1.1" not in transcript:
+            cut = transcript
+            break
+    clock.lap(f"flood of {len(refused)} harvest sessions")
+    # the dha rule (EXTRA_VARS) counts 5 unknown recipients before it blocks
+    assert refused[:-1] == [3] * (len(refused) - 1)
+    assert len(refused) == FLOOD_SESSIONS or (
+        sum(refused) >= 5
+        and ("Remote host closed connection" in cut or "Connection refused" in cut)
+    ), cut
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -256,7 +268,10 @@ def test_deleted_rule_is_put_back_through_the_setup_request(appliance):
     took = time.monotonic() - started
     appliance["clock"].lap(f"deleted rule back in {took:.1f} s")
     journal = machine.ssh(
-        "journalctl -u sender-filter -u sender-filter-setup --no-pager -n 40"
+        "journalctl -u sender-filter-setup.path -u sender-filter-setup "
+        "--no-pager -n 30; systemctl --no-pager status sender-filter-setup.path "
+        "sender-filter-setup; journalctl -u sender-filter --no-pager -n 10",
+        check=False,
     ).stdout
 
     assert "--match-set sender_filter_v4 src -j REJECT" in rules, journal
@@ -272,8 +287,10 @@ def test_deleted_rule_is_put_back_through_the_setup_request(appliance):
 
 
 def test_second_playbook_run_changes_nothing(appliance):
-    recap, _result = appliance["machine"].provision(EXTRA_VARS)
+    recap, result = appliance["machine"].provision(EXTRA_VARS)
     appliance["clock"].lap(f"second playbook run {recap}")
+    output = result.stdout.splitlines()
+    changed = [output[i - 1] for i, line in enumerate(output) if "changed:" in line]
 
-    assert recap["changed"] == 0
+    assert recap["changed"] == 0, changed
     assert recap["failed"] == 0
