@@ -31,6 +31,8 @@ ENFORCEMENT_KEYS = {
 }
 # chains iptables and ip6tables have built in: ours must never be one of them
 BUILTIN_CHAINS = ("INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING")
+# words iptables reads as a verdict or target where a chain name goes
+TARGET_WORDS = ("ACCEPT", "DROP", "RETURN", "QUEUE", "REJECT", "LOG")
 # a chain of our own (iptables allows 28 characters); a set (ipset allows 31,
 # and a rebuild fills `<first 26>-swap` before swapping it in)
 CHAIN_NAME = re.compile(r"[A-Za-z0-9_-]{1,28}")
@@ -164,13 +166,27 @@ def from_mapping(raw, path):
         )
     set_v4 = _name(enforcement, "set_v4", "sender_filter_v4", SET_NAME)
     set_v6 = _name(enforcement, "set_v6", "sender_filter_v6", SET_NAME)
-    if set_v4 == set_v6:
-        raise ConfigError("enforcement.set_v4 and set_v6 must differ")
+    if set_v4[:26] == set_v6[:26]:
+        # a rebuild fills `<first 26 characters>-swap`: those must differ too
+        raise ConfigError(
+            "enforcement.set_v4 and set_v6 must differ (in their first 26 characters)"
+        )
+    for key, name in (("set_v4", set_v4), ("set_v6", set_v6)):
+        if name.endswith("-swap"):
+            raise ConfigError(
+                f"enforcement.{key} = {name!r} ends in -swap, the ending of the "
+                "fresh sets a rebuild fills; choose another name"
+            )
     chain = _name(enforcement, "chain", "SENDER_FILTER", CHAIN_NAME)
     if chain.upper() in BUILTIN_CHAINS:
         raise ConfigError(
             f"enforcement.chain = {chain!r} is a built-in chain; name a chain "
             "of its own, such as SENDER_FILTER"
+        )
+    if chain.upper() in TARGET_WORDS or chain.startswith("-"):
+        raise ConfigError(
+            f"enforcement.chain = {chain!r} reads as an iptables target or option; "
+            "name a chain of its own, such as SENDER_FILTER"
         )
     for key, section in (
         ("logs.files", logs.get("files", [])),
@@ -228,6 +244,12 @@ def from_mapping(raw, path):
         reresolve_minutes=_int(dns, "reresolve_minutes", 15, 1, 7 * 24 * 60),
         rules={t: _rule(raw.get("rules", {}).get(t, {}), t) for t in THREAT_TYPES},
     )
+    if settings.ipv6_prefix < settings.widest_v6:
+        raise ConfigError(
+            f"network.ipv6_prefix = {settings.ipv6_prefix} is wider than "
+            f"network.widest_v6 = {settings.widest_v6}: every IPv6 block would "
+            "be refused"
+        )
     return settings
 
 

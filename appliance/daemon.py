@@ -31,6 +31,8 @@ FULL_RECONCILE_EVERY = 30.0
 # how often the profiler's rules are read again from the database
 RULES_EVERY = 5.0
 RETRY_AFTER = 1.0
+# past this many entries in one change, the log names a few and counts the rest
+LOG_EACH = 20
 
 
 def notify_ready():
@@ -114,7 +116,6 @@ class Daemon:
             ", ".join(s.path for s in self.sources) or "no log files",
             self.backend.name,
         )
-        notify_ready()
 
         try:
             while not self.stopping.is_set():
@@ -138,6 +139,7 @@ class Daemon:
         while not self.stopping.is_set():
             try:
                 self.enforce(rebuild=True)
+                notify_ready()  # the blocks are back: Postfix may start
                 self.load()
                 break
             except DatabaseError as exc:
@@ -363,11 +365,22 @@ class Daemon:
         service.publish_state(enforcement_error=error)
 
     def _log_change(self, change):
-        """One INFO line per entry the kernel took in or let go."""
-        for target in change.added:
-            log.info("%s now enforced (%s backend)", target, self.backend.name)
-        for target in change.removed:
-            log.info("%s no longer enforced (%s backend)", target, self.backend.name)
+        """One INFO line per entry the kernel took in or let go, or a count.
+
+        A start after a reboot puts every block back at once: past
+        LOG_EACH entries one line says how many, naming a few.
+        """
+        name = self.backend.name
+        for entries, what in ((change.added, "now"), (change.removed, "no longer")):
+            if len(entries) > LOG_EACH:
+                named = ", ".join(entries[:3])
+                log.info(
+                    "%d entries %s enforced (%s backend): %s, ...",
+                    len(entries), what, name, named,
+                )  # fmt: skip
+                continue
+            for target in entries:
+                log.info("%s %s enforced (%s backend)", target, what, name)
 
 
 def drift_summary(change):

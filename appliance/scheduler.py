@@ -15,6 +15,9 @@ from appliance.models import db
 from appliance.resolve import NameResolver
 
 log = logging.getLogger(__name__)
+# one INFO line per job added would be 100,000 lines at a start with as many
+# temporary blocks; each lift is in the sender filtering log
+logging.getLogger("apscheduler.scheduler").setLevel(logging.WARNING)
 
 
 class BlockExpiry:

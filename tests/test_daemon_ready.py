@@ -1,7 +1,9 @@
 """`sender-filter run` tells systemd when it is ready (a `Type=notify` unit).
 
 The deployment orders Postfix after the daemon, so mail is accepted only once
-the blocks are back in the kernel; systemd learns that from one `READY=1`
+the blocks are back in the kernel (the daemon's first pass, before it loads
+its windows and schedules the temporary blocks); systemd learns that from one
+`READY=1`
 datagram on $NOTIFY_SOCKET. Here the test itself listens on that socket, a
 path or an abstract name, as systemd would.
 """
@@ -10,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
-def test_daemon_says_ready_once_it_follows(tmp_path, abstract):
+def test_daemon_says_ready_once_the_blocks_are_back(tmp_path, abstract):
     config_path = write_config(tmp_path)
     subprocess.run(
         [sys.executable, "-m", "appliance.cli", "init", "--config", str(config_path)],
@@ -51,6 +54,9 @@ def test_daemon_says_ready_once_it_follows(tmp_path, abstract):
         )
     try:
         message = listener.recv(64)
+        deadline = time.monotonic() + 30
+        while "following" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
         said = log_path.read_text()
     finally:
         daemon.terminate()

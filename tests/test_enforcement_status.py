@@ -129,7 +129,34 @@ def test_manual_blocks_keep_their_duration_but_count_as_offences(settings):
             "enforcement.set_v6 must match [A-Za-z0-9_.-]{1,31} (letters, digits, "
             "and the punctuation shown)",
         ),
-        ('set_v6 = "sender_filter_v4"', "enforcement.set_v4 and set_v6 must differ"),
+        (
+            'set_v6 = "sender_filter_v4"',
+            "enforcement.set_v4 and set_v6 must differ (in their first 26 characters)",
+        ),
+        (
+            f'set_v4 = "{"s" * 26}4"\nset_v6 = "{"s" * 26}6"',
+            "enforcement.set_v4 and set_v6 must differ (in their first 26 characters)",
+        ),
+        (
+            'set_v6 = "sf-swap"',
+            "enforcement.set_v6 = 'sf-swap' ends in -swap, the ending of the fresh "
+            "sets a rebuild fills; choose another name",
+        ),
+        (
+            'chain = "DROP"',
+            "enforcement.chain = 'DROP' reads as an iptables target or option; name "
+            "a chain of its own, such as SENDER_FILTER",
+        ),
+        (
+            'chain = "-j"',
+            "enforcement.chain = '-j' reads as an iptables target or option; name "
+            "a chain of its own, such as SENDER_FILTER",
+        ),
+        (
+            "[network]\nipv6_prefix = 24",
+            "network.ipv6_prefix = 24 is wider than network.widest_v6 = 32: every "
+            "IPv6 block would be refused",
+        ),
         (
             "ports = []",
             'enforcement.ports is a list of ports 1-65535 (1 to 15 of them), or "all"',

@@ -718,7 +718,13 @@ def test_silent_nameserver_never_stalls_the_page(make_settings):
     [
         ("dry-run", 0, "Enforcement is DRY-RUN"),
         ("kernel", 0, None),
-        ("kernel", 120, "The daemon is not running"),
+        (
+            "kernel",
+            120,
+            "The daemon is not running: new blocks, unblocks and changes do not "
+            "reach the kernel until it runs again. Entries already in the kernel "
+            "still act, and temporary ones still end on time.",
+        ),
     ],
 )
 def test_banner_says_when_blocks_are_not_enforced(client, backend, age, notice):

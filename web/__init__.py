@@ -98,7 +98,11 @@ def enforcement_notice():
     if backend is None or heartbeat is None:
         return {"notice": "The daemon has not run yet: no block is enforced."}
     if time.time() - heartbeat.updated_at > DAEMON_SILENT:
-        return {"notice": "The daemon is not running: blocks are not enforced now."}
+        return {
+            "notice": "The daemon is not running: new blocks, unblocks and changes "
+            "do not reach the kernel until it runs again. Entries already in the "
+            "kernel still act, and temporary ones still end on time."
+        }
     error = state.get("enforcement_error")
     if error is not None and error.value:
         return {
