@@ -7,6 +7,7 @@ yesterday's log gives the decisions that following it live would have.
 import json
 import logging
 from dataclasses import dataclass
+from dataclasses import fields
 
 from peewee import fn
 
@@ -19,6 +20,7 @@ from appliance.models import Rule
 from appliance.models import SuspiciousEntry
 from appliance.models import WindowBatch
 from appliance.models import db
+from appliance.models import insert_statement
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class WindowGroups:
         merge, since their histories may have dropped different events.
         """
         self.windows = dict(windows)
+        self.longest = max(self.windows.values())
         groups = {}
         for parent, (_window, numbers) in enumerate(self.groups):
             for number in numbers:
@@ -87,15 +90,17 @@ class SenderHistory:
 
     Events are (ts, message, mask, recipients, unknown) rows. `counts` holds
     every group's counts in one flat list: there may be 100,000 histories.
+    `latest` is the latest time stamp added (events may come out of order).
     """
 
-    __slots__ = ("events", "counts", "window_groups", "sweeps")
+    __slots__ = ("events", "counts", "window_groups", "sweeps", "latest")
 
     def __init__(self, window_groups):
         self.events = []
         self.counts = [0] * (STRIDE * len(window_groups.groups))
         self.window_groups = window_groups
         self.sweeps = window_groups.sweeps
+        self.latest = float("-inf")
 
     def add(self, ts, message, mask, recipients, unknown):
         """Count one event in every window group, then drop what fell out."""
@@ -103,6 +108,8 @@ class SenderHistory:
             self.catch_up()
         events = self.events
         events.append((ts, message, mask, recipients, unknown))
+        if ts > self.latest:
+            self.latest = ts
         counts = self.counts
         at = 0
         trimmed = False
@@ -162,7 +169,11 @@ class SenderHistory:
 
     def is_empty(self):
         """Whether no window holds any event (after catching up on sweeps)."""
-        if self.sweeps != self.window_groups.sweeps:
+        window_groups = self.window_groups
+        # every event is older than the longest window: no need to drop them
+        if self.latest <= window_groups.swept_to - window_groups.longest:
+            return True
+        if self.sweeps != window_groups.sweeps:
             self.catch_up()
         return min(self.counts[HEAD::STRIDE]) >= len(self.events)
 
@@ -185,6 +196,25 @@ class SenderHistory:
             counts[at + RECIPIENTS],
             counts[at + UNKNOWN],
         ]
+
+    def crosses(self, rule):
+        """Whether this sender's window sums cross an EnabledRule."""
+        if self.sweeps != self.window_groups.sweeps:
+            self.catch_up()
+        at = self.window_groups.group_of[rule.threat_type] * STRIDE
+        counts = self.counts
+        violations = counts[at + VIOLATIONS + rule.number]
+        if violations == 0:
+            return False
+        messages = counts[at + MESSAGES]
+        if messages < violations:
+            messages = violations
+        if messages <= rule.messages or violations * 100.0 / messages <= rule.rate:
+            return False
+        if rule.recipients is None:
+            return True
+        recipients, unknown = counts[at + RECIPIENTS], counts[at + UNKNOWN]
+        return recipients > rule.recipients and unknown > rule.unknown
 
     @property
     def sums(self):
@@ -210,17 +240,44 @@ class Episode:
     id: int | None = None
 
 
-def crosses(sums, rule):
-    """Whether window sums cross a rule: rate AND volume (AND the DHA extras)."""
-    messages, violations, recipients, unknown = sums
-    messages = max(messages, violations)
-    if violations == 0 or messages <= rule.messages:
-        return False
-    if violations * 100.0 / messages <= rule.rate:
-        return False
-    if rule.threat_type == "dha":
-        return recipients > rule.recipients and unknown > rule.unknown_recipients
-    return True
+# the columns of a new episode's row: the Episode's fields but its id
+EPISODE_COLUMNS = tuple(field.name for field in fields(Episode) if field.name != "id")
+
+
+@dataclass(slots=True, frozen=True)
+class EnabledRule:
+    """An enabled rule as the profiler applies it, copied from its row once.
+
+    It is crossed when its type's violation rate is above `rate` percent AND
+    its messages are above `messages` (AND, for `dha` alone, recipients and
+    unknown recipients are above theirs; None for the other types). `number`
+    is the type's place in THREAT_TYPES; `duration` is None unless `action`
+    is "temporary".
+    """
+
+    threat_type: str
+    number: int
+    messages: int
+    rate: float
+    recipients: int | None
+    unknown: int | None
+    action: str
+    duration: int | None
+
+    @classmethod
+    def of(cls, rule):
+        """The copy of a Rule row."""
+        dha = rule.threat_type == "dha"
+        return cls(
+            rule.threat_type,
+            NUMBER[rule.threat_type],
+            rule.messages,
+            rule.rate,
+            rule.recipients if dha else None,
+            rule.unknown_recipients if dha else None,
+            rule.action,
+            rule.duration if rule.action == "temporary" else None,
+        )
 
 
 class Profiler:
@@ -240,8 +297,11 @@ class Profiler:
         self.networks = {}
         self.violation_forms = {}
         self.blocks = BlockIndex(addresses.parse_network)
+        self.known_covers = {}
         self.pending_rows = []
-        self.pending_evidence = []
+        # the latest violation per (episode, evidence slot): the others would
+        # be overwritten in the same flush
+        self.pending_evidence = {}
         self.source = None
         self.dirty = {}
         self.status_changed = {}
@@ -256,7 +316,7 @@ class Profiler:
         self.rules = {rule.threat_type: rule for rule in Rule.select()}
         self.windows = {t: self.rules[t].window for t in THREAT_TYPES}
         self.enabled_rules = [
-            (t, self.rules[t]) for t in THREAT_TYPES if self.rules[t].enabled
+            EnabledRule.of(self.rules[t]) for t in THREAT_TYPES if self.rules[t].enabled
         ]
         if self.window_groups is None:
             self.window_groups = WindowGroups(self.windows)
@@ -311,11 +371,28 @@ class Profiler:
         for row in query.order_by(SuspiciousEntry.id).tuples().iterator():
             episode = Episode(*row)
             self.episodes.setdefault(episode.sender, {})[episode.threat_type] = episode
-        self.blocks.refresh()
+        self.refresh_blocks()
 
     def refresh_blocks(self):
         """Take in blocks made or lifted by others (console, CLI, scheduler)."""
         self.blocks.refresh()
+        self.known_covers.clear()
+
+    def _covered(self, sender, network, ts):
+        """Whether a block is over all of a sender's network at event time `ts`.
+
+        A blocked sender's every event asks again: the span of the block
+        found is kept per sender until the blocks change.
+        """
+        span = self.known_covers.get(sender)
+        if span is not None and span[0] <= ts < span[1]:
+            return True
+        block_id = self.blocks.covering(network, ts)
+        if block_id is None:
+            return False
+        _key, created_at, until = self.blocks.spans[block_id]
+        self.known_covers[sender] = (created_at, until)
+        return True
 
     def _sender(self, ip):
         """The sender an IP is counted as (its text), cached."""
@@ -376,26 +453,21 @@ class Profiler:
         episodes = self.episodes.get(sender)
         if episodes is None and not violations:
             return
-        network, key = self._network(sender, ip)
-        opened = False
         for threat_type in THREAT_TYPES:
             # a step changes its own type's episode only: `episodes`, read
             # before the loop, still answers for the types after it
             episode = episodes.get(threat_type) if episodes else None
             if episode is None and threat_type not in violations:
                 continue
-            opened = True
-            self._update_episode(sender, network, key, threat_type, episode, event)
-        if not opened:
+            self._update_episode(sender, ip, threat_type, episode, event)
+        episodes = self.episodes.get(sender)
+        if episodes is None:
             return
-        episodes = self.episodes.get(sender, {})
-        for threat_type, rule in self.enabled_rules:
-            if threat_type not in episodes:
-                continue
-            if crosses(history.window_sums(threat_type), rule):
-                self._act(sender, network, threat_type, history, ts)
+        for rule in self.enabled_rules:
+            if rule.threat_type in episodes and history.crosses(rule):
+                self._act(sender, ip, rule, history, ts)
 
-    def _update_episode(self, sender, network, key, threat_type, episode, event):
+    def _update_episode(self, sender, ip, threat_type, episode, event):
         """Open, extend or close the sender's episode of one threat type."""
         if (
             episode is not None
@@ -408,19 +480,19 @@ class Profiler:
 
         if threat_type in event.violations:
             if episode is None:
-                episode = self._open_episode(
-                    sender, network, key, threat_type, event.ts
-                )
+                episode = self._open_episode(sender, ip, threat_type, event.ts)
             else:
                 episode.violations += 1
                 episode.messages += event.message
                 episode.last_seen = event.ts
-            self.pending_evidence.append((episode, episode.violations, event))
+            number = episode.violations
+            slot = evidence.slot_of(number)
+            self.pending_evidence[id(episode), slot] = (episode, number, event)
         elif episode is not None:
             episode.messages += event.message
         else:
             return
-        episode.rate = round(episode.violations * 100.0 / episode.messages, 2)
+        # its rate is worked out when it is written
         self.dirty[id(episode)] = episode
 
     def _forget_episode(self, sender, threat_type):
@@ -430,8 +502,9 @@ class Profiler:
         if not episodes:
             del self.episodes[sender]
 
-    def _open_episode(self, sender, network, key, threat_type, ts):
+    def _open_episode(self, sender, ip, threat_type, ts):
         """A new episode at a sender's first violation of a type."""
+        network, key = self._network(sender, ip)
         episode = Episode(sender, key, threat_type, first_seen=ts, last_seen=ts)
         block_id = self.blocks.covering(network, ts)
         if block_id is not None:
@@ -440,16 +513,17 @@ class Profiler:
         self.episodes.setdefault(sender, {})[threat_type] = episode
         return episode
 
-    def _act(self, sender, network, threat_type, history, ts):
-        """Apply a crossed rule: monitor, or block unless already blocked."""
-        rule = self.rules[threat_type]
+    def _act(self, sender, ip, rule, history, ts):
+        """Apply a crossed EnabledRule: monitor, or block unless already blocked."""
+        network, _key = self._network(sender, ip)
+        threat_type = rule.threat_type
         episode = self.episodes[sender][threat_type]
         if rule.action == "monitor":
             if episode.status == "suspicious":
                 self._set_status(episode, "monitored")
                 log.info("%s crossed the %s rule (monitor only)", sender, threat_type)
             return
-        if self.blocks.covering(network, ts) is not None:
+        if self._covered(sender, network, ts):
             return
         if episode.status == "approved":
             return
@@ -460,12 +534,11 @@ class Profiler:
         reason += f" over {messages} messages"
         if threat_type == "dha":
             reason += f", {unknown} of {recipients} recipients unknown"
-        duration = rule.duration if rule.action == "temporary" else None
         try:
             block = service.block_network(
                 network,
                 threat_type=threat_type,
-                duration=duration,
+                duration=rule.duration,
                 actor=f"rule:{threat_type}",
                 reason=reason,
                 now=ts,
@@ -480,6 +553,7 @@ class Profiler:
             self.blocks_made += 1
 
         self.blocks.add(block)
+        self.known_covers.clear()
         episodes = self.episodes[sender]
         for other in THREAT_TYPES:
             if other in episodes:
@@ -510,27 +584,40 @@ class Profiler:
             self.pending_rows = []
         self._write_episodes(cursor, param)
         if self.pending_evidence:
-            evidence.write(cursor, param, self.pending_evidence, self.source)
-            self.pending_evidence = []
+            violations = list(self.pending_evidence.values())
+            evidence.write(cursor, param, violations, self.source)
+            self.pending_evidence = {}
         if self.now - self.swept >= SWEEP_EVERY:
             self._sweep()
 
     def _write_episodes(self, cursor, param):
-        """Insert new episodes, update counters, and write status changes."""
+        """Insert new episodes, update counters, and write status changes.
+
+        A row inserted now already holds its episode's counters and status:
+        updating it again would rewrite every index of the table for nothing.
+        """
         table = SuspiciousEntry._meta.table_name
-        for episode in self.dirty.values():
-            if episode.id is None:
-                episode.id = _insert(cursor, table, param, episode)
-        counters = [
-            (e.last_seen, e.violations, e.messages, e.rate, e.open, e.id)
-            for e in self.dirty.values()
-        ]
+        inserted = set()
+        counters = []
+        for key, e in self.dirty.items():
+            e.rate = round(e.violations * 100.0 / e.messages, 2)
+            if e.id is None:
+                e.id = _insert(cursor, e)
+                inserted.add(key)
+            else:
+                counters.append(
+                    (e.last_seen, e.violations, e.messages, e.rate, e.open, e.id)
+                )
         cursor.executemany(
             f"UPDATE {table} SET last_seen = {param}, violations = {param}, "
             f"messages = {param}, rate = {param}, open = {param} WHERE id = {param}",
             counters,
         )
-        statuses = [(e.status, e.block_id, e.id) for e in self.status_changed.values()]
+        statuses = [
+            (e.status, e.block_id, e.id)
+            for key, e in self.status_changed.items()
+            if key not in inserted
+        ]
         cursor.executemany(
             f"UPDATE {table} SET status = {param}, block_id = {param} "
             f"WHERE id = {param}",
@@ -558,26 +645,10 @@ class Profiler:
         self.swept = self.now
 
 
-def _insert(cursor, table, param, episode):
+def _insert(cursor, episode):
     """Insert one new episode row; returns its id."""
-    cursor.execute(
-        f"INSERT INTO {table} (sender, sender_key, threat_type, first_seen, "
-        "last_seen, violations, messages, rate, status, open, block_id) "
-        f"VALUES ({', '.join([param] * 11)})",
-        (
-            episode.sender,
-            episode.sender_key,
-            episode.threat_type,
-            episode.first_seen,
-            episode.last_seen,
-            episode.violations,
-            episode.messages,
-            episode.rate,
-            episode.status,
-            episode.open,
-            episode.block_id,
-        ),
-    )
+    row = tuple(getattr(episode, column) for column in EPISODE_COLUMNS)
+    cursor.execute(insert_statement(SuspiciousEntry, EPISODE_COLUMNS), row)
     return cursor.lastrowid
 
 

@@ -5,6 +5,7 @@ log and the database stay one story whoever acts. The kernel is not touched
 here: the enforcement loop in the daemon makes the kernel follow the database.
 """
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -12,8 +13,6 @@ import secrets
 import subprocess
 import time
 from dataclasses import asdict
-
-from werkzeug.security import generate_password_hash
 
 from appliance import addresses
 from appliance.config import THREAT_TYPES
@@ -25,6 +24,7 @@ from appliance.models import Block
 from appliance.models import Rule
 from appliance.models import SuspiciousEntry
 from appliance.models import db
+from appliance.models import insert_statement
 from appliance.timefmt import format_duration
 
 log = logging.getLogger(__name__)
@@ -162,21 +162,29 @@ def repeat_duration(duration, offence):
     return max(duration, min(round(longer), longest))
 
 
-def audit(actor, action, target, detail=""):
-    """Add a line to the sender filtering log, with where the action came from."""
-    try:
-        first, last = addresses.key_range(addresses.parse_network(target))
-    except addresses.AddressError:
-        first = last = None
-    AuditEntry.insert(
-        actor=actor,
-        action=action,
-        target=target,
-        detail=detail,
-        source=acting_from.get(),
-        key_first=first,
-        key_last=last,
-    ).execute()
+def audit(actor, action, target, detail="", keys=None):
+    """Add a line to the sender filtering log, with where the action came from.
+
+    `keys` is the target's (first, last) key range when the caller has it.
+    """
+    _write_audit([(actor, action, target, detail, keys)])
+
+
+def _write_audit(actions):
+    """Add (actor, action, target, detail, keys or None) lines to the log at once."""
+    columns = ("ts", "actor", "action", "target", "detail", "source")
+    columns += ("key_first", "key_last")
+    now = time.time()
+    source = acting_from.get()
+    rows = []
+    for actor, action, target, detail, keys in actions:
+        if keys is None:
+            try:
+                keys = addresses.key_range(addresses.parse_network(target))
+            except addresses.AddressError:
+                keys = (None, None)
+        rows.append((now, actor, action, target, detail, source, *keys))
+    db.cursor().executemany(insert_statement(AuditEntry, columns), rows)
 
 
 def lowest_first(network):
@@ -200,6 +208,18 @@ def approved_overlapping(network):
     return None if row is None else ApprovedHost.get_by_id(row[0])
 
 
+def _write_transaction():
+    """A write transaction for a check and its writes, unless one is open already.
+
+    Inside the caller's transaction (the profiler's batch) a savepoint would
+    only cost time: the checks refuse before the first write, and a failed
+    write fails the caller's transaction.
+    """
+    if db.in_transaction():
+        return contextlib.nullcontext()
+    return db.atomic()
+
+
 def block_network(network, *, threat_type, duration, actor, reason, now=None):
     """Block a network for `duration` seconds, or for good when None."""
     now = time.time() if now is None else now
@@ -209,7 +229,7 @@ def block_network(network, *, threat_type, duration, actor, reason, now=None):
 
     first, last = addresses.key_range(network)
     # checked and written in one write transaction: concurrent commands queue
-    with db.atomic():
+    with _write_transaction():
         _guard.check(network)
         existing = active_block(network, now)
         if existing is not None:
@@ -231,9 +251,13 @@ def block_network(network, *, threat_type, duration, actor, reason, now=None):
             "changed_at": time.time(),
             "offence": offence,
         }
-        # insert() rather than create(): blocks made by rules come in bursts
-        block = Block(id=Block.insert(**fields).execute(), **fields)
-        audit(actor, "block", target, f"{format_duration(duration)}: {reason}")
+        # plain SQL rather than create(): blocks made by rules come in bursts
+        added = db.execute_sql(
+            insert_statement(Block, tuple(fields)), tuple(fields.values())
+        )
+        block = Block(id=added.lastrowid, **fields)
+        detail = f"{format_duration(duration)}: {reason}"
+        audit(actor, "block", target, detail, keys=(first, last))
         mark_entries_blocked(block)
     log.info("%s blocked %s (%s)", target, format_duration(duration), reason)
     return block
@@ -295,13 +319,22 @@ def lift(condition, *, actor, reason, now=None):
     now = time.time() if now is None else now
     with db.atomic():
         blocks = list(Block.select().where(Block.lifted_at.is_null() & condition))
+        changed_at = time.time()
+        lines = []
         for lifted in blocks:
             expired = reason == "expired" and lifted.expires_at is not None
             lifted.lifted_at = min(now, lifted.expires_at) if expired else now
-            lifted.lift_reason = reason
-            lifted.changed_at = time.time()
-            lifted.save()
-            audit(actor, reason, lifted.target, f"block #{lifted.id} lifted")
+            detail = f"block #{lifted.id} lifted"
+            keys = (lifted.key_first, lifted.key_last)
+            lines.append((actor, reason, lifted.target, detail, keys))
+        # one statement each for the blocks and their audit lines: an ingest
+        # catching up on a week of logs may lift thousands at once
+        db.cursor().executemany(
+            f"UPDATE {Block._meta.table_name} SET lifted_at = ?, lift_reason = ?, "
+            "changed_at = ? WHERE id = ?",
+            [(b.lifted_at, reason, changed_at, b.id) for b in blocks],
+        )
+        _write_audit(lines)
     for lifted in blocks:
         log.info("%s unblocked (%s)", lifted.target, reason)
     return [b.target for b in blocks]
@@ -425,6 +458,9 @@ def add_admin(username, password=None, actor="cli"):
     password = password or secrets.token_urlsafe(12)
     if Admin.get_or_none(Admin.username == username) is not None:
         raise Refused(f"administrator {username} already exists")
+    # imported here: werkzeug takes longer to load than an ingest of a small log
+    from werkzeug.security import generate_password_hash
+
     Admin.create(username=username, password_hash=generate_password_hash(password))
     audit(actor, "admin add", username)
     return password

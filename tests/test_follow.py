@@ -22,6 +22,7 @@ from appliance.models import SourceCounter
 from appliance.models import SuspiciousEntry
 from appliance.models import db
 from appliance.profiler import Profiler
+from appliance.sources import follow
 from appliance.sources.correlate import Correlator
 from appliance.sources.follow import LogFile
 from enforcement.dryrun import DryRunBackend
@@ -370,3 +371,24 @@ def test_a_symlink_to_a_log_already_read_reads_nothing(make_settings, tmp_path):
     again = read_files(settings, [str(tmp_path / "other.log")])
 
     assert (first["lines"], again["lines"]) == (2, 0)
+
+
+@pytest.mark.parametrize("chunk", [64, follow.READ_BYTES])
+def test_reads_stop_at_the_line_limit_whatever_the_chunk_size(
+    tmp_path, monkeypatch, chunk
+):
+    monkeypatch.setattr(follow, "READ_BYTES", chunk)
+    written = [f"line {n:02d} of the log\n" for n in range(30)]
+    path = tmp_path / "mail.log"
+    path.write_text("".join(written) + "half a li")
+    opened = follow.OpenedLog(str(path))
+
+    batches = [opened.read(7) for _ in range(6)]
+    complete_lines_end = opened.offset
+    last = opened.read(7, final=True)
+
+    assert [len(batch) for batch in batches] == [7, 7, 7, 7, 2, 0]
+    assert [t + "\n" for batch in batches for t in batch] == written
+    assert complete_lines_end == len("".join(written).encode())
+    assert (last, opened.offset) == (["half a li"], path.stat().st_size)
+    opened.close()

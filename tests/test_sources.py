@@ -16,6 +16,7 @@ from annotated import read_as_utc
 
 from appliance.config import THREAT_TYPES
 from appliance.sources.correlate import Correlator
+from appliance.sources.postfix import read_smtpd
 
 try:
     from tests.conftest import CORPUS
@@ -220,3 +221,45 @@ def test_state_forgets_removed_and_stale_queue_ids_and_sessions():
         "2026-12-03T12:00:00+00:00 mx1 postfix/smtpd[4]: connect from x[::1]"
     )
     assert correlator.dump()["queue"] == {}
+
+
+REJECT = "NOQUEUE: reject: RCPT from a.example.net[192.0.2.9]: 554 5.7.1 "
+MILTER = "0A0A0A0A0A: milter-reject: END-OF-MESSAGE from a.example.net[192.0.2.9]: "
+
+
+@pytest.mark.parametrize(
+    ("reply", "sender"),
+    [
+        (
+            "<b@example.com>: bad; from=<s@example.org> to=<b@example.com>",
+            "s@example.org",
+        ),
+        ("<b@example.com>: mailfrom=<x@y> bad; from=<s@example.org>", "s@example.org"),
+        (
+            "<b@example.com>: xfrom=<from=<s@example.org> to=<b@example.com>",
+            "s@example.org",
+        ),
+        ("<b@example.com>: é-from=<s@example.org>", "s@example.org"),
+        ("<b@example.com>: éfrom=<s@example.org>", None),
+        (
+            "<b@example.com>: from=<s @example.org> from=<t@example.org>",
+            "t@example.org",
+        ),
+    ],
+)
+def test_reject_sender_is_the_first_from_that_starts_a_word(reply, sender):
+    assert read_smtpd(REJECT + reply, 0.0, "postfix/smtpd[1]").sender == sender
+
+
+@pytest.mark.parametrize(
+    ("reply", "verdict"),
+    [
+        ("5.7.1 Message contains a VIRUS (Eicar-Test)", "virus"),
+        ("5.7.1 Malware found", "virus"),
+        ("5.7.1 İnfected message", "virus"),
+        ("5.7.1 Spam message rejected", "spam"),
+        ("5.7.1 Małware-ish but not quite", "spam"),
+    ],
+)
+def test_milter_reply_naming_malware_in_any_case_is_a_virus(reply, verdict):
+    assert read_smtpd(MILTER + reply, 0.0, "postfix/smtpd[1]").verdict == verdict

@@ -29,23 +29,22 @@ log = logging.getLogger(__name__)
 # The commonest Postfix lines, after the time stamp, each ending in a marker
 # group that names it (`lastgroup`). Each is read exactly as `maillog.parse`
 # would read it; lines of another form, or that nearly match, go there.
+# The busiest program first, smtpd; `postfix/` is read once for the others.
 PID = r"\[\d{1,10}\]: "
 QID = logline.QUEUE_ID
+CLIENT_AT = postfix.CLIENT_AT_NAMED.format
 HOT = re.compile(
-    r"\S+ (?:"
-    # delivery agents and cleanup's message-id: understood, nothing to count
-    rf"(?:postfix/(?:lmtp|smtp|local|virtual|pipe|error|bounce){PID}"
-    rf"|postfix/cleanup{PID}(?:{QID}): message-id=)(?P<ignored>)"
-    rf"|postfix/qmgr{PID}(?:(?P<removed_id>{QID}): removed$(?P<removed>)"
+    r"\S+ (?:(?P<smtpd>postfix/smtpd\[\d{1,10}\]): (?:"
+    rf"connect from {CLIENT_AT(name='connect_ip')}(?P<connect>)"
+    rf"|(?P<client_id>{QID}): client={CLIENT_AT(name='client_ip')}(?:,|$)(?P<client>)"
+    rf"|disconnect from {CLIENT_AT(name='disconnect_ip')}(?P<disconnect>))"
+    rf"|postfix/(?:qmgr{PID}(?:(?P<removed_id>{QID}): removed$(?P<removed>)"
     rf"|(?P<queued_id>{QID}): from=<(?P<from>[^>]{{0,320}})>, "
     r"size=\d+, nrcpt=(?P<nrcpt>\d{1,6}) (?P<queued>))"
+    # delivery agents and cleanup's message-id: understood, nothing to count
+    rf"|(?:(?:lmtp|smtp|local|virtual|pipe|error|bounce){PID}"
+    rf"|cleanup{PID}(?:{QID}): message-id=)(?P<ignored>))"
     rf"|amavis{PID}(?:\([\w.-]{{1,40}}\) )?Passed CLEAN (?P<clean>)"
-    rf"|(?P<smtpd>postfix/smtpd\[\d{{1,10}}\]): (?:"
-    rf"connect from {postfix.CLIENT_AT_NAMED.format(name='connect_ip')}(?P<connect>)"
-    rf"|disconnect from {postfix.CLIENT_AT_NAMED.format(name='disconnect_ip')}"
-    r"(?P<disconnect>)"
-    rf"|(?P<client_id>{QID}): client="
-    rf"{postfix.CLIENT_AT_NAMED.format(name='client_ip')}(?:,|$)(?P<client>))"
     r")"
 )
 

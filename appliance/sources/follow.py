@@ -168,22 +168,24 @@ class OpenedLog:
         out, so reading never seeks back (costly in a `.gz` file).
         """
         whole = final or self.compressed
-        data = self.held
-        while data.count(b"\n") < limit:
+        chunks = [self.held]
+        newlines = self.held.count(b"\n")
+        while newlines < limit:
             more = self.stream.read(READ_BYTES)
             if not more:
                 break
-            data += more
-        parts = data.split(b"\n", limit)
-        if len(parts) > limit or (parts[-1] and not whole):
-            self.held = parts.pop()
+            chunks.append(more)
+            newlines += more.count(b"\n")
+        data = b"".join(chunks)
+        if newlines >= limit:
+            taken = _end_of_line(data, limit, newlines)
+        elif whole:
+            taken = len(data)
         else:
-            self.held = b""
-            if not parts[-1]:
-                parts.pop()
-        if not parts:
+            taken = data.rfind(b"\n") + 1
+        self.held = data[taken:]
+        if not taken:
             return []
-        taken = len(data) - len(self.held)
         if len(self.seen) < HEAD_BYTES:
             self.seen += data[: min(taken, HEAD_BYTES - len(self.seen))]
         self.offset += taken
@@ -195,6 +197,17 @@ class OpenedLog:
         """Close the file."""
         self.stream.close()
         self.raw.close()
+
+
+def _end_of_line(data, number, newlines):
+    """The offset just past the `number`th line end of `data`, which has `newlines`.
+
+    The line ends past it are few (read in the last chunk): found from the end.
+    """
+    end = len(data)
+    for _ in range(newlines - number + 1):
+        end = data.rfind(b"\n", 0, end)
+    return end + 1
 
 
 def open_log(path, live=False):
