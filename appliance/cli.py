@@ -10,6 +10,7 @@ import sys
 import zlib
 
 from appliance import config
+from appliance import kernelstatus
 from appliance import lists
 from appliance import models
 from appliance import service
@@ -240,15 +241,47 @@ def cmd_status(settings, args):
     sources = source_status()
     for source in sources:
         source["updated_at"] = iso(source["updated_at"])
-    active = len(service.active_blocks())
+    enforcement = enforcement_json(kernelstatus.published())
+    dry_run = enforcement["backend"] == "dry-run"
+    kernel = dict.fromkeys(kernelstatus.STATUSES, 0)
+    for block in service.active_blocks():
+        kernel[kernelstatus.block_status(block, dry_run)] += 1
+    active = sum(kernel.values())
     lines = [
         f"{s['path']}: {s['lines']} lines, {s['skipped']} not understood"
         + (f", {s['behind']} bytes to read" if s["behind"] else "")
         + (f" (last read {s['updated_at']})" if s["updated_at"] else "")
         for s in sources
     ]
-    lines.append(f"{active} active blocks")
-    return {"sources": sources, "active_blocks": active}, "\n".join(lines)
+    counts = ", ".join(f"{n} {words}" for words, n in kernel.items() if n)
+    lines.append(f"{active} active blocks" + (f": {counts}" if counts else ""))
+    lines += enforcement_lines(enforcement)
+    payload = {"sources": sources, "active_blocks": active, "kernel": kernel}
+    return {**payload, "enforcement": enforcement}, "\n".join(lines)
+
+
+def enforcement_json(state):
+    """What the daemon published about enforcement, and the console's notice."""
+    backend = state.get("enforcement")
+    checked = state.get("kernel_checked_at")
+    error = state.get("enforcement_error")
+    return {
+        "backend": backend.value if backend else None,
+        "kernel_checked_at": iso(float(checked.value)) if checked else "",
+        "error": error.value if error else "",
+        "notice": kernelstatus.notice(state),
+    }
+
+
+def enforcement_lines(facts):
+    """Lines under a listing: the backend, its last check, the console's notice."""
+    lines = []
+    if facts["backend"]:
+        checked = facts["kernel_checked_at"] or "not yet"
+        lines.append(f"enforcement: {facts['backend']}, kernel last checked {checked}")
+    if facts["notice"]:
+        lines.append(facts["notice"])
+    return lines
 
 
 def cmd_suspicious(settings, args):
@@ -317,7 +350,9 @@ def cmd_blocks(settings, args):
         blocks = list(query)
     else:
         blocks = service.active_blocks()
-    rows = [block_json(b) for b in blocks]
+    enforcement = enforcement_json(kernelstatus.published())
+    dry_run = enforcement["backend"] == "dry-run"
+    rows = [block_json(b) | kernel_json(b, dry_run) for b in blocks]
     repeat = {
         "period": settings.repeat_period,
         "factor": settings.repeat_factor,
@@ -327,7 +362,7 @@ def cmd_blocks(settings, args):
         f"{r['target']:<24} {r['type']:<7} "
         f"{'until ' + r['expires_at'] if r['expires_at'] else 'permanent':<31} "
         f"{r['created_by']:<12} offence {r['offence']:<3} "
-        f"{'lifted ' + r['lift_reason'] if r['lifted_at'] else 'active'}  "
+        f"{'lifted ' + r['lift_reason'] if r['lifted_at'] else r['kernel']:<22}  "
         f"{r['reason']}"
         for r in rows
     )
@@ -338,7 +373,20 @@ def cmd_blocks(settings, args):
             f"{format_duration(repeat['period'])}, x{repeat['factor']:g} longer "
             f"per offence, at most {format_duration(repeat['maximum'])}"
         )
-    return {"blocks": rows, "repeat": repeat}, f"{text or 'no blocks'}\n{footer}"
+    payload = {"blocks": rows, "repeat": repeat, "enforcement": enforcement}
+    # the notice first, where the console shows its banner
+    lines = [*enforcement_lines(enforcement), text or "no blocks", footer]
+    return payload, "\n".join(lines)
+
+
+def kernel_json(block, dry_run):
+    """A block's kernel status as the daemon's last check found it; none if lifted."""
+    if block.lifted_at is not None:
+        return {"kernel": None, "kernel_checked_at": ""}
+    return {
+        "kernel": kernelstatus.block_status(block, dry_run),
+        "kernel_checked_at": iso(block.enforced_checked_at),
+    }
 
 
 def name_resolver(settings):

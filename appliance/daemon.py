@@ -80,6 +80,9 @@ class Daemon:
         self.in_kernel = {}
         # the last full pass found an error: no cheap passes until one does not
         self.trouble = False
+        # the last full pass left blocks out of a full set: changes go by full
+        # passes, which choose what a full set holds
+        self.sets_full = False
         # new temporary blocks wait for the scheduler's next refresh
         self.schedule_due = False
 
@@ -214,6 +217,8 @@ class Daemon:
         sets back, so a new block's way to the kernel does not grow with the
         blocks in force. New temporary blocks are handed to the scheduler at
         the next reconcile pass (the kernel lifts them on time regardless).
+        While the sets are full, a full pass sends them instead: only it can
+        choose what a full set holds, the same way a restart does.
         """
         if woken:
             self.wake.clear()
@@ -224,6 +229,9 @@ class Daemon:
             return
         self.profiler.refresh_blocks()
         self.schedule_due = True
+        if self.sets_full:
+            self.enforce()
+            return
         try:
             change = self.backend.apply(wanted.desired, wanted.removed)
         except Exception as exc:
@@ -313,6 +321,7 @@ class Daemon:
                 f"{len(change.overflow)} blocks NOT enforced: the kernel sets are full"
             )
         self.trouble = bool(problems)
+        self.sets_full = bool(change.overflow)
         service.publish_state(
             kernel_checked_at=now, enforcement_error="; ".join(problems)
         )

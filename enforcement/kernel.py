@@ -122,7 +122,10 @@ class KernelBackend:
             for what in repaired:
                 log.warning("kernel drift repaired: %s was missing and is back", what)
 
-            change = fit(compare(held, wanted_state(desired)), held, self.set_size)
+            # a full set drops what ranks last, even an entry it holds already
+            wanted, overflow = fit(desired, self.set_size)
+            change = compare(held, wanted)
+            change.overflow = overflow
             change.repaired = repaired
             change.errors = errors
             change.needs_setup = denied
@@ -161,10 +164,9 @@ class KernelBackend:
             for what in repaired:
                 log.info("kernel: %s created", what)
             held, present = self._read_sets()
-            room = fit(compare({}, wanted_state(desired)), {}, self.set_size)
-            wanted = {entry: room.timeouts[entry] for entry in room.added}
-            change = compare(held, wanted) if held else room
-            change.overflow = room.overflow
+            wanted, overflow = fit(desired, self.set_size)
+            change = compare(held, wanted)
+            change.overflow = overflow
             change.errors = errors
             change.needs_setup = denied
 

@@ -158,23 +158,35 @@ def compare(held, wanted):
     return Change(added=added, removed=removed, retimed=retimed, timeouts=timeouts)
 
 
-def fit(change, held, room):
-    """Leave out of `change.added` what its set has no room for; returns `change`.
+def fit(desired, room):
+    """The cleaned desired state cut to `room` entries per set: (state, left out).
 
-    `room` is the most entries one set holds. Removals are counted first, and
-    permanent entries go in before temporary ones.
+    A full set takes the same entries whatever it held before and however the
+    blocks arrived: permanent blocks first, then the temporary ones that end
+    latest, ties by entry text. The ones left out are listed in that order.
     """
-    staying = {4: 0, 6: 0}
-    for entry in held.keys() - set(change.removed):
-        staying[family_of(entry)] += 1
-    kept = []
-    ordered = sorted(change.added, key=lambda e: change.timeouts[e] is not None)
-    for entry in ordered:
+    counts = {4: 0, 6: 0}
+    for text in desired:
+        counts[family_of(text)] += 1
+    if max(counts.values()) <= room:
+        return wanted_state(desired), []
+
+    # ranked by the exact time left: whole seconds would tie blocks ending
+    # within one second, differently from one sync to the next
+    ranked = dict(sorted(desired.items(), key=_precedence))
+    kept, overflow = {}, []
+    counts = {4: 0, 6: 0}
+    for entry, timeout in wanted_state(ranked).items():
         family = family_of(entry)
-        if staying[family] < room:
-            staying[family] += 1
-            kept.append(entry)
+        if counts[family] < room:
+            counts[family] += 1
+            kept[entry] = timeout
         else:
-            change.overflow.append(entry)
-    change.added = sorted(kept)
-    return change
+            overflow.append(entry)
+    return kept, overflow
+
+
+def _precedence(item):
+    """Sort key of a desired (entry, seconds left or None): kept first, first."""
+    entry, timeout = item
+    return (timeout is not None, -(timeout or 0), entry)

@@ -174,6 +174,12 @@ def test_options_may_come_before_the_subcommand(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == {
         "blocks": [],
         "repeat": {"factor": 2.0, "maximum": 2592000, "period": 604800},
+        "enforcement": {
+            "backend": None,
+            "kernel_checked_at": "",
+            "error": "",
+            "notice": "The daemon has not run yet: no block is enforced.",
+        },
     }
 
 

@@ -22,6 +22,7 @@ from appliance.config import Settings
 from enforcement.dryrun import DryRunBackend
 from enforcement.plan import KERNEL_MAX_TIMEOUT
 from enforcement.plan import entry_text
+from enforcement.plan import fit
 from enforcement.plan import plan
 
 APPLIANCE_V4 = "192.0.2.1"
@@ -450,6 +451,31 @@ def test_plan_skips_expired_and_unreadable_entries_and_caps_timeouts():
 
     assert change.added == ["192.0.2.8"]
     assert change.timeouts == {"192.0.2.8": KERNEL_MAX_TIMEOUT}
+
+
+def test_full_set_keeps_permanent_then_latest_ending_whatever_it_held():
+    """fit() ranks the whole desired state; a set's history plays no part."""
+    desired = {
+        "192.0.2.10": 3600.4,
+        "192.0.2.11": 3600.9,  # ends half a second later: same whole second
+        "192.0.2.12": None,
+        "192.0.2.13": 60.0,
+        "192.0.2.14": 10.0**9,  # capped for the kernel, still ranked by its end
+        "192.0.2.15": 10.0**9 - 1,
+        "2001:db8:2::/64": 5.0,
+    }
+
+    kept, left_out = fit(desired, 4)
+
+    assert kept == {
+        "192.0.2.12": None,
+        "192.0.2.14": KERNEL_MAX_TIMEOUT,
+        "192.0.2.15": KERNEL_MAX_TIMEOUT,
+        "192.0.2.11": 3601,
+        "2001:db8:2::/64": 5,
+    }
+    assert left_out == ["192.0.2.10", "192.0.2.13"]
+    assert fit(desired, 6) == (plan({}, desired).timeouts, [])
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from netns import Lab
 from postfix_lab import PostfixInstance
 from test_end_to_end import wait_until
 
+from appliance import cli
 from appliance import config
 from appliance import models
 from appliance import service
@@ -96,10 +97,14 @@ class Gateway:
 
 
 @pytest.fixture
-def gateway(tmp_path):
-    """The lab with the mx host and a fresh database; the daemon is stopped after."""
+def gateway(tmp_path, request):
+    """The lab with the mx host and a fresh database; the daemon is stopped after.
+
+    Parametrized indirectly, the parameter is more of the [enforcement] section.
+    """
     require_root_tools("ip", "ipset", "iptables", "ip6tables", "ss", "conntrack")
-    config_path = write_config(tmp_path, RULES, backend="kernel")
+    enforcement = getattr(request, "param", "")
+    config_path = write_config(tmp_path, enforcement + RULES, backend="kernel")
     settings = config.load(config_path)
     models.connect(settings.database)
     service.configure(settings)
@@ -290,3 +295,49 @@ def test_block_of_an_address_that_became_our_own_is_left_out_of_the_kernel(gatew
         "it covers the appliance's own address 192.0.2.77, which the guard "
         "refuses now" in gateway.log()
     )
+
+
+def enforced_entries():
+    """The targets of the active blocks the database records as in the kernel."""
+    rows = Block.select(Block.target).where(
+        Block.lifted_at.is_null() & (Block.enforced == True)  # noqa: E712
+    )
+    return {row.target for row in rows}
+
+
+@pytest.mark.parametrize("gateway", ["set_size = 1024\n"], indirect=True)
+def test_full_set_holds_the_same_blocks_running_and_restarted(gateway, capsys):
+    # 1,030 temporary blocks whose ends are not in the order they are made
+    ends = {n: 3600 + 10 * (n * 7919 % 1030) for n in range(1030)}
+    temporary = {f"2001:db8:a:{n + 1:x}::/64": ends[n] for n in range(1030)}
+    permanent = [f"2001:db8:b:{n + 1:x}::/64" for n in range(10)]
+    soonest = sorted(temporary, key=temporary.get)
+    gateway.start()
+
+    for target, duration in temporary.items():
+        service.block(target, duration=duration, actor="api:test")
+    held_before = wait_until(lambda: set(gateway.entries()) == set(soonest[6:]), 10)
+    for target in permanent:
+        service.block(target, duration=None, actor="api:test")
+    wanted = set(permanent) | set(soonest[16:])
+    held_running = wait_until(lambda: set(gateway.entries()) == wanted, 10)
+    recorded_running = wait_until(lambda: enforced_entries() == wanted, 5)
+    assert cli.main(["blocks", "--json", "--config", str(gateway.config_path)]) == 0
+    listed = json.loads(capsys.readouterr().out)
+
+    gateway.daemon.send_signal(signal.SIGTERM)
+    gateway.daemon.wait(10)
+    gateway.mx.run("ipset", "flush", gateway.settings.set_v6)
+    gateway.start()
+    held_restarted = wait_until(lambda: set(gateway.entries()) == wanted, 10)
+
+    assert held_before, len(gateway.entries())
+    assert held_running, sorted(set(gateway.entries()) ^ wanted)
+    assert recorded_running, sorted(enforced_entries() ^ wanted)
+    assert held_restarted
+    assert enforced_entries() == wanted
+    left_out = {b["target"] for b in listed["blocks"] if b["kernel"] == "NOT in kernel"}
+    assert left_out == set(soonest[:16])
+    error = "16 blocks NOT enforced: the kernel sets are full"
+    assert listed["enforcement"]["error"] == error
+    assert "kernel sets full (maxelem 1024): 16 blocks NOT enforced" in gateway.log()

@@ -17,6 +17,7 @@ from test_web import make_app
 from appliance import api_tokens
 from appliance import cli
 from appliance import service
+from appliance.models import ApplianceState
 from appliance.models import Block
 
 
@@ -165,3 +166,115 @@ def test_enforcement_error_is_a_banner_on_every_page(client, path):
         "daemon's log.</p>" in shown
     )
     assert 'class="notice"' not in cleared
+
+
+def kernel_checked(block, enforced, at):
+    """Record what a daemon's check found for one block, as the daemon writes it."""
+    Block.update(enforced=enforced, enforced_checked_at=at).where(
+        Block.id == block.id
+    ).execute()
+
+
+def test_cli_shows_each_blocks_kernel_status_and_the_error_as_the_console(run, client):
+    now = time.time()
+    unchecked = service.block("192.0.2.7", duration=3600, actor="cli")
+    held = service.block("198.51.100.7", duration=None, actor="cli")
+    missing = service.block("2001:db8:5:6::/64", duration=None, actor="cli")
+    kernel_checked(held, True, 1_800_000_000.0)
+    kernel_checked(missing, False, 1_800_000_000.0)
+    error = "1 blocks NOT enforced: the kernel sets are full"
+    service.publish_state(
+        enforcement="kernel",
+        heartbeat=now,
+        kernel_checked_at=1_800_000_060.0,
+        enforcement_error=error,
+    )
+    notice = (
+        f"ENFORCEMENT ERROR: {error}. Blocks shown as NOT in kernel are not "
+        "enforced; see the daemon's log."
+    )
+
+    listed = json.loads(run("blocks", "--json")[1])
+    text = run("blocks")[1].splitlines()
+    status = json.loads(run("status", "--json")[1])
+    status_text = run("status")[1].splitlines()
+    console = page(client.get("/blocks"))
+
+    assert [
+        (b["target"], b["kernel"], b["kernel_checked_at"]) for b in listed["blocks"]
+    ] == [
+        ("192.0.2.7", "not checked yet", ""),
+        ("198.51.100.7", "in kernel", "2027-01-15T08:00:00+00:00"),
+        ("2001:db8:5:6::/64", "NOT in kernel", "2027-01-15T08:00:00+00:00"),
+    ]
+    assert listed["enforcement"] == {
+        "backend": "kernel",
+        "kernel_checked_at": "2027-01-15T08:01:00+00:00",
+        "error": error,
+        "notice": notice,
+    }
+    assert text[:2] == [
+        "enforcement: kernel, kernel last checked 2027-01-15T08:01:00+00:00",
+        notice,
+    ]
+    listing = [(line.split()[0], line) for line in text[2:5]]
+    assert [target for target, _line in listing] == [
+        "192.0.2.7",
+        "198.51.100.7",
+        "2001:db8:5:6::/64",
+    ]
+    assert " not checked yet " in listing[0][1]
+    assert " in kernel " in listing[1][1] and " NOT in kernel " in listing[2][1]
+    assert status["kernel"] == {
+        "in kernel": 1,
+        "NOT in kernel": 1,
+        "not checked yet": 1,
+        "not enforced (dry-run)": 0,
+    }
+    assert status["enforcement"] == listed["enforcement"]
+    assert status_text[-3:] == [
+        "3 active blocks: 1 in kernel, 1 NOT in kernel, 1 not checked yet",
+        "enforcement: kernel, kernel last checked 2027-01-15T08:01:00+00:00",
+        notice,
+    ]
+    # the console words the same rows and the same error alike
+    for block, words in ((unchecked, "not checked yet"), (held, "in kernel")):
+        row = console.split(f'id="block-{block.id}"')[1].split("</tr>")[0]
+        assert f">{words}</td>" in row
+    assert f'<p class="notice">{notice}</p>' in console
+
+
+def test_cli_says_no_block_is_enforced_under_dry_run(run):
+    checked = service.block("192.0.2.7", duration=3600, actor="cli")
+    service.block("198.51.100.7", duration=3600, actor="cli")
+    service.unblock("198.51.100.7", actor="cli")
+    # as a daemon on the kernel backend left it before a switch to dry-run
+    kernel_checked(checked, True, time.time())
+    service.publish_state(enforcement="dry-run", heartbeat=time.time())
+
+    listed = json.loads(run("blocks", "--all", "--json")[1])
+    status = run("status")[1].splitlines()
+
+    assert [(b["target"], b["kernel"]) for b in listed["blocks"]] == [
+        ("192.0.2.7", "not enforced (dry-run)"),
+        ("198.51.100.7", None),
+    ]
+    assert listed["enforcement"]["notice"] == (
+        "Enforcement is DRY-RUN: the daemon logs what it would block and blocks "
+        "nothing."
+    )
+    assert status[-3] == "1 active blocks: 1 not enforced (dry-run)"
+
+
+def test_cli_says_when_the_daemon_went_silent(run):
+    service.publish_state(
+        enforcement="kernel", heartbeat=time.time(), enforcement_error="stale"
+    )
+    ApplianceState.update(updated_at=time.time() - 60).where(
+        ApplianceState.key == "heartbeat"
+    ).execute()
+
+    shown = json.loads(run("status", "--json")[1])["enforcement"]
+
+    assert shown["error"] == "stale"
+    assert shown["notice"].startswith("The daemon is not running: new blocks,")

@@ -3,7 +3,6 @@
 import logging
 import os
 import secrets
-import time
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
@@ -16,7 +15,7 @@ from flask_wtf.csrf import CSRFError
 from flask_wtf.csrf import CSRFProtect
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from appliance.models import ApplianceState
+from appliance import kernelstatus
 from appliance.models import db
 from appliance.timefmt import format_duration
 from web import activity
@@ -32,9 +31,6 @@ from web import suspicious
 from web.dns import PtrLookup
 
 log = logging.getLogger(__name__)
-
-# the daemon publishes a heartbeat every few seconds
-DAEMON_SILENT = 30
 
 csrf = CSRFProtect()
 
@@ -89,32 +85,11 @@ def create_app(settings, test_config=None):
 
 
 def enforcement_notice():
-    """A banner when blocks are not enforced: dry-run backend, or no daemon."""
+    """A banner when blocks are not enforced: dry-run backend, no daemon, an error."""
     if request.path.startswith(("/api/", "/static/")):
         return {}
-    state = {row.key: row for row in ApplianceState.select()}
-    backend = state.get("enforcement")
-    heartbeat = state.get("heartbeat")
-    if backend is None or heartbeat is None:
-        return {"notice": "The daemon has not run yet: no block is enforced."}
-    if time.time() - heartbeat.updated_at > DAEMON_SILENT:
-        return {
-            "notice": "The daemon is not running: new blocks, unblocks and changes "
-            "do not reach the kernel until it runs again. Entries already in the "
-            "kernel still act, and temporary ones still end on time."
-        }
-    error = state.get("enforcement_error")
-    if error is not None and error.value:
-        return {
-            "notice": f"ENFORCEMENT ERROR: {error.value}. Blocks shown as NOT in "
-            "kernel are not enforced; see the daemon's log."
-        }
-    if backend.value == "dry-run":
-        return {
-            "notice": "Enforcement is DRY-RUN: the daemon logs what it would block "
-            "and blocks nothing."
-        }
-    return {}
+    text = kernelstatus.notice()
+    return {"notice": text} if text else {}
 
 
 def read_secret_key(path):

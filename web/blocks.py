@@ -23,6 +23,7 @@ from wtforms.validators import InputRequired
 from wtforms.validators import Length
 from wtforms.validators import ValidationError
 
+from appliance import kernelstatus
 from appliance import lists
 from appliance import service
 from appliance.resolve import NameResolver
@@ -256,18 +257,19 @@ def unblock():
     )
 
 
-def kernel_status(block, dry_run=False):
-    """What the last reconcile saw: (css class, words).
+# the table cell's class for each kernel status
+STATUS_CLASS = {
+    kernelstatus.IN_KERNEL: "kernel-yes",
+    kernelstatus.NOT_IN_KERNEL: "kernel-no",
+    kernelstatus.DRY_RUN: "kernel-no kernel-dry-run",
+    kernelstatus.NOT_CHECKED: "kernel-unknown",
+}
 
-    Under the dry-run backend nothing reaches the kernel, whatever a row says.
-    """
-    if dry_run:
-        return "kernel-no kernel-dry-run", "not enforced (dry-run)"
-    if block.enforced is None:
-        return "kernel-unknown", "not checked yet"
-    if block.enforced:
-        return "kernel-yes", "in kernel"
-    return "kernel-no", "NOT in kernel"
+
+def kernel_status(block, dry_run=False):
+    """What the last reconcile saw: (css class, words)."""
+    words = kernelstatus.block_status(block, dry_run)
+    return STATUS_CLASS[words], words
 
 
 bp.add_app_template_global(kernel_status, "kernel_status")
