@@ -22,14 +22,17 @@ from appliance.events import MailEvent
 from appliance.sources import logline
 from appliance.sources import maillog
 from appliance.sources import postfix
+from appliance.sources import scanners
 from appliance.sources.timestamps import StampReader
 
 log = logging.getLogger(__name__)
 
-# The commonest Postfix lines, after the time stamp, each ending in a marker
-# group that names it (`lastgroup`). Each is read exactly as `maillog.parse`
-# would read it; lines of another form, or that nearly match, go there.
-# The busiest program first, smtpd; `postfix/` is read once for the others.
+# The commonest Postfix and amavis lines, after the time stamp, each ending in
+# a marker group that names it (`lastgroup`). Each is read exactly as
+# `maillog.parse` would read it (rejects and verdicts by the readers' own
+# functions, from the same split); lines of another form, or that nearly
+# match, go there. The busiest program first, smtpd; `postfix/` is read once
+# for the others. tests/test_sources_hot.py holds it to `maillog.parse`.
 PID = r"\[\d{1,10}\]: "
 QID = logline.QUEUE_ID
 CLIENT_AT = postfix.CLIENT_AT_NAMED.format
@@ -37,14 +40,21 @@ HOT = re.compile(
     r"\S+ (?:(?P<smtpd>postfix/smtpd\[\d{1,10}\]): (?:"
     rf"connect from {CLIENT_AT(name='connect_ip')}(?P<connect>)"
     rf"|(?P<client_id>{QID}): client={CLIENT_AT(name='client_ip')}(?:,|$)(?P<client>)"
-    rf"|disconnect from {CLIENT_AT(name='disconnect_ip')}(?P<disconnect>))"
+    rf"|disconnect from {CLIENT_AT(name='disconnect_ip')}(?P<disconnect>)"
+    # the rejects: split as postfix.SMTPD_REJECT splits them, up to the text
+    rf"|NOQUEUE: reject: RCPT from {CLIENT_AT(name='rcpt_ip')}:? ?(?P<rcpt>))"
     rf"|postfix/(?:qmgr{PID}(?:(?P<removed_id>{QID}): removed$(?P<removed>)"
     rf"|(?P<queued_id>{QID}): from=<(?P<from>[^>]{{0,320}})>, "
     r"size=\d+, nrcpt=(?P<nrcpt>\d{1,6}) (?P<queued>))"
     # delivery agents and cleanup's message-id: understood, nothing to count
     rf"|(?:(?:lmtp|smtp|local|virtual|pipe|error|bounce){PID}"
     rf"|cleanup{PID}(?:{QID}): message-id=)(?P<ignored>))"
-    rf"|amavis{PID}(?:\([\w.-]{{1,40}}\) )?Passed CLEAN (?P<clean>)"
+    rf"|(?P<cleanup>postfix/cleanup\[\d{{1,10}}\]): (?P<milter_id>{QID}): "
+    r"(?P<action>milter-(?:reject|discard|hold)): (?P<stage>END-OF-MESSAGE) "
+    rf"from {CLIENT_AT(name='milter_ip')}:? ?(?P<milter>)"
+    # amavis verdicts: split as scanners.AMAVIS_VERDICT splits them
+    rf"|amavis{PID}(?:\([\w.-]{{1,40}}\) )?(?:Passed CLEAN (?P<clean>)"
+    r"|Blocked (?P<category>[A-Z][A-Z0-9-]*)(?P<blocked>))"
     r")"
 )
 
@@ -181,11 +191,32 @@ class Correlator:
                 events += self._queued(
                     found["queued_id"], found["from"], recipients, ts
                 )
-            else:
+            elif kind == "disconnect":
                 ip = address(found["disconnect_ip"])
                 counters = postfix.session_counters(line, found.end())
                 events += self._disconnect(found["smtpd"], ip, counters, ts)
+            else:
+                self.line = line
+                events += self._hot_reject(kind, found, line.rstrip("\r\n"), ts)
         return events
+
+    def _hot_reject(self, kind, found, line, ts):
+        """A reject or amavis verdict HOT split: read on by the reader's own rules."""
+        if kind == "blocked":
+            category = found["category"]
+            record = scanners.amavis_verdict(category, line, found.end(), ts)
+            return self._verdict(record)
+        text = line[found.end() :]
+        if kind == "rcpt":
+            ip = found["rcpt_ip"]
+            process = found["smtpd"]
+            record = postfix.read_reject(
+                "NOQUEUE", "reject", "RCPT", ip, text, ts, process
+            )
+            return self._rcpt_reject(record)
+        parts = found.group("milter_id", "action", "stage", "milter_ip")
+        record = postfix.read_reject(*parts, text, ts, found["cleanup"])
+        return self._content_reject(record)
 
     def _feed_parsed(self, line):
         """The MailEvents of a line read by `maillog.parse`."""

@@ -162,8 +162,16 @@ def session_counters(message, start):
 
 
 def _reject(match, ts, session):
-    """A reject line of smtpd, postscreen or cleanup, by action and stage."""
-    queue_id, action, stage, ip, text = match.group(1, 2, 3, 5, 6)
+    """A reject line of smtpd, postscreen or cleanup, as SMTPD_REJECT split it."""
+    return read_reject(*match.group(1, 2, 3, 5, 6), ts, session)
+
+
+def read_reject(queue_id, action, stage, ip, text, ts, session):
+    """A reject line read from its parts, by action and stage.
+
+    The parts are SMTPD_REJECT's groups: queue ID or `NOQUEUE`, action, SMTP
+    stage, the client's address as text, and the text after the client.
+    """
     if action in NOISE_ACTIONS:
         return IGNORED_LINE
     queue_id = None if queue_id == "NOQUEUE" else queue_id

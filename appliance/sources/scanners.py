@@ -49,18 +49,21 @@ def read_amavis(message, ts):
     match = AMAVIS_VERDICT.match(message)
     if match is None:
         return SKIPPED_LINE
+    return amavis_verdict(match[2], message, match.end(), ts)
 
-    category = match[2]
+
+def amavis_verdict(category, message, start, ts):
+    """The VERDICT of an amavis category, its queue ID and IP read from `start` on."""
     if category[-1:].isdigit():
         category = category.rstrip("0123456789").rstrip("-")
     verdict = AMAVIS_THREATS.get(category)
     if verdict is None:
         # a verdict of no threat is charged nothing: its queue ID and IP go unread
         return LogLine(VERDICT, ts, "amavis")
-    queue_id = AMAVIS_QUEUE_ID.search(message, match.end())
+    queue_id = AMAVIS_QUEUE_ID.search(message, start)
     record = LogLine(VERDICT, ts, "amavis", queue_id and queue_id[1])
     record.verdict = verdict
-    record.ip = _first_client(message, match.end())
+    record.ip = _first_client(message, start)
     return record
 
 
