@@ -76,18 +76,26 @@ while time.perf_counter() < deadline:
 print(json.dumps({"per_second": made / seconds}))
 """
 
-# inside the gateway: write one event per block, time until the set holds it
+# inside the gateway: write one Postfix line per block (a spam verdict that
+# crosses the rule on its own), time until the set holds the sender
 EVENT_TO_KERNEL = r"""
 import json, subprocess, sys, time
-spool, count = sys.argv[1], int(sys.argv[2])
+from datetime import datetime, timezone
+mail_log, count = sys.argv[1], int(sys.argv[2])
 latencies = []
 for number in range(count):
     sender = f"2001:db8:100:{number:x}::7"
-    event = {"time": time.time(), "ip": sender, "message": True, "verdicts": ["spam"]}
     probe = ["ipset", "-q", "test", "sender_filter_v6", sender]
-    with open(spool, "a") as file:
+    stamp = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    line = (
+        f"{stamp} mx postfix/smtpd[{4000 + number}]: {0xB0000 + number:010X}: "
+        f"milter-reject: END-OF-MESSAGE from unknown[{sender}]: 5.7.1 Spam "
+        "message rejected; from=<x@example.net> to=<bob@example.org> "
+        "proto=ESMTP helo=<x.example>\n"
+    )
+    with open(mail_log, "a") as file:
         written = time.perf_counter()
-        file.write(json.dumps(event) + "\n")
+        file.write(line)
     while subprocess.run(probe).returncode != 0:
         if time.perf_counter() - written > 5:
             sys.exit(f"{sender} never reached the kernel")
@@ -169,13 +177,16 @@ def connection_rates(lab, count, rules, seconds):
 
 
 def event_latency(lab, count, existing):
-    """Seconds from an event line written to its block in the kernel, per block,
+    """Seconds from a mail-log line written to its block in the kernel, per block,
     with `existing` blocks already in force (in the database and the sets)."""
     gateway = lab.add_host("mx", ipv6="2001:db8:fffd::1")
     directory = Path(tempfile.mkdtemp(prefix="sf-bench-"))
     config_path = directory / "config.toml"
+    mail_log = directory / "mail.log"
+    mail_log.write_text("")
     config_path.write_text(
         '[database]\npath = "sf.db"\n[web]\nsecret_key_file = "secret"\n'
+        '[logs]\nfiles = ["mail.log"]\n'
         '[enforcement]\nbackend = "kernel"\n' + RULES
     )
     cli = [sys.executable, "-m", "appliance.cli"]
@@ -190,10 +201,9 @@ def event_latency(lab, count, existing):
                 "the daemon did not start: " + (directory / "daemon.log").read_text()
             )
         time.sleep(0.1)
-    spool = directory / "events.jsonl"
     try:
         held = gateway.run("ipset", "list", "-t", "sender_filter_v6").stdout
-        result = gateway.python(EVENT_TO_KERNEL, str(spool), str(count), timeout=600)
+        result = gateway.python(EVENT_TO_KERNEL, str(mail_log), str(count), timeout=600)
     finally:
         lab.close()
         log.close()
@@ -290,7 +300,7 @@ def main():
         with Lab(prefix="sfb-") as lab:
             latencies = event_latency(lab, args.blocks, existing)
         print(
-            f"event -> kernel, {args.blocks} blocks while following a JSON-lines "
+            f"event -> kernel, {args.blocks} blocks while following a Postfix "
             f"log, {existing:,} blocks already in force"
         )
         print(
