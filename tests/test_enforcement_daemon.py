@@ -189,6 +189,24 @@ def test_extra_entry_added_by_hand_is_removed(gateway):
     assert "1 extra entries removed (198.51.100.99)" in gateway.log()
 
 
+def test_entry_swapped_for_another_by_hand_is_repaired_within_5_seconds(gateway):
+    """The count stays the same, so only a full comparison finds it."""
+    spammer = gateway.lab.add_host("spammer", SPAMMER)
+    gateway.mx.listen(SMTP)
+    gateway.start()
+    service.block(SPAMMER, duration=None, actor="cli")
+    assert wait_until(lambda: refused(spammer), 3)
+    name = gateway.settings.set_v4
+    swap = f"del {name} {SPAMMER}\nadd {name} 198.51.100.99 timeout 0\n"
+
+    took = seconds_to_repair(spammer, "sh", "-c", f"printf '{swap}' | ipset restore")
+
+    print(f"swapped entry repaired in {took:.2f} s")
+    assert took is not None, "the swapped entry was not repaired within 5 s"
+    assert wait_until(lambda: "198.51.100.99" not in gateway.entries(), 2)
+    assert gateway.entries() == {SPAMMER: 0}
+
+
 def test_temporary_block_ends_on_time_with_the_daemon_killed(gateway):
     spammer = gateway.lab.add_host("spammer", SPAMMER)
     gateway.mx.listen(SMTP)
