@@ -155,12 +155,11 @@ class Daemon:
                 self._database_failed(exc)
         if self.stopping.is_set():
             return False
-        try:
-            self.expiry.start()
-        except DatabaseError as exc:
-            # the scheduler runs; its blocks are read again at the next pass
-            self.schedule_due = True
-            log.error("scheduling the temporary blocks failed: %s", exc)
+        self.expiry.start()
+        # the first pass hands the temporary blocks (and the overdue ones) to
+        # the scheduler's own thread: with 100,000 of them that takes seconds,
+        # in which new blocks must still reach the kernel
+        self.schedule_due = True
         return True
 
     def tick(self):

@@ -49,13 +49,16 @@ def notice(state=None, now=None):
     heartbeat = state.get("heartbeat")
     if backend is None or heartbeat is None:
         return "The daemon has not run yet: no block is enforced."
-    if now - heartbeat.updated_at > DAEMON_SILENT:
-        return (
-            "The daemon is not running: new blocks, unblocks and changes do not "
-            "reach the kernel until it runs again. Entries already in the kernel "
-            "still act, and temporary ones still end on time."
-        )
     error = state.get("enforcement_error")
+    if now - heartbeat.updated_at > DAEMON_SILENT:
+        silent = (
+            "The daemon is not running: new blocks, unblocks and changes do not "
+            "reach the kernel until it runs again. What the kernel held at its "
+            "last check still acts, and temporary entries still end on time."
+        )
+        if error is not None and error.value:
+            silent += f" Its last check found: ENFORCEMENT ERROR: {error.value}."
+        return silent
     if error is not None and error.value:
         return (
             f"ENFORCEMENT ERROR: {error.value}. Blocks shown as NOT in kernel are "

@@ -16,8 +16,10 @@ from appliance.resolve import NameResolver
 
 log = logging.getLogger(__name__)
 # one INFO line per job added would be 100,000 lines at a start with as many
-# temporary blocks; each lift is in the sender filtering log
+# temporary blocks, and each run of a job two more; each lift is in the
+# sender filtering log
 logging.getLogger("apscheduler.scheduler").setLevel(logging.WARNING)
+logging.getLogger("apscheduler.executors").setLevel(logging.WARNING)
 
 
 class BlockExpiry:
@@ -31,9 +33,8 @@ class BlockExpiry:
         self.lock = threading.Lock()
 
     def start(self):
-        """Start the scheduler thread and lift blocks already overdue."""
+        """Start the scheduler thread; `refresh` gives it the blocks."""
         self.scheduler.start()
-        self.refresh()
 
     def refresh(self):
         """Schedule every active temporary block not scheduled yet."""

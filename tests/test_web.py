@@ -722,8 +722,8 @@ def test_silent_nameserver_never_stalls_the_page(make_settings):
             "kernel",
             120,
             "The daemon is not running: new blocks, unblocks and changes do not "
-            "reach the kernel until it runs again. Entries already in the kernel "
-            "still act, and temporary ones still end on time.",
+            "reach the kernel until it runs again. What the kernel held at its "
+            "last check still acts, and temporary entries still end on time.",
         ),
     ],
 )
@@ -737,6 +737,17 @@ def test_banner_says_when_blocks_are_not_enforced(client, backend, age, notice):
         assert notice in text
     else:
         assert 'class="notice"' not in text
+
+
+def test_silent_daemon_banner_keeps_the_last_error(client):
+    error = "IPv4 rule of chain SENDER_FILTER is missing and could not be put back"
+    service.publish_state(enforcement="kernel", heartbeat=0, enforcement_error=error)
+    ApplianceState.update(updated_at=time.time() - 120).execute()
+
+    text = client.get("/blocks").text
+
+    assert "The daemon is not running" in text
+    assert f"Its last check found: ENFORCEMENT ERROR: {error}." in text
 
 
 def test_log_sources_page_counts_lines_not_understood(client, settings, tmp_path):
