@@ -21,6 +21,8 @@ from appliance.timefmt import iso
 from appliance.timefmt import parse_duration
 
 log = logging.getLogger(__name__)
+# an approve that lifts more blocks than this names these and counts the rest
+NAMED_LIFTS = 10
 
 
 class UsageError(Exception):
@@ -461,7 +463,13 @@ def cmd_approve(settings, args):
     )
 
     def lifted_by(outcome):
-        return f"; blocks lifted: {', '.join(outcome.lifted)}" if outcome.lifted else ""
+        lifted = outcome.lifted
+        if not lifted:
+            return ""
+        if len(lifted) > NAMED_LIFTS:
+            named = ", ".join(lifted[:NAMED_LIFTS])
+            return f"; {len(lifted)} blocks lifted: {named}, ... (--json lists all)"
+        return f"; blocks lifted: {', '.join(lifted)}"
 
     refused, text = record_report(outcomes, "approved", lifted_by)
     approved = [o.target for o in outcomes if not o.refused]

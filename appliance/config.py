@@ -33,6 +33,8 @@ ENFORCEMENT_KEYS = {
 BUILTIN_CHAINS = ("INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING")
 # words iptables reads as a verdict or target where a chain name goes
 TARGET_WORDS = ("ACCEPT", "DROP", "RETURN", "QUEUE", "REJECT", "LOG")
+# where Debian's iptables keeps its extensions (lib/<triplet>/xtables)
+XTABLES = Path("/usr/lib")
 # a chain of our own (iptables allows 28 characters); a set (ipset allows 31,
 # and a rebuild fills `<first 26>-swap` before swapping it in)
 CHAIN_NAME = re.compile(r"[A-Za-z0-9_-]{1,28}")
@@ -183,7 +185,7 @@ def from_mapping(raw, path):
             f"enforcement.chain = {chain!r} is a built-in chain; name a chain "
             "of its own, such as SENDER_FILTER"
         )
-    if chain.upper() in TARGET_WORDS or chain.startswith("-"):
+    if chain.upper() in TARGET_WORDS or chain.startswith("-") or _is_target(chain):
         raise ConfigError(
             f"enforcement.chain = {chain!r} reads as an iptables target or option; "
             "name a chain of its own, such as SENDER_FILTER"
@@ -326,6 +328,18 @@ def _name(section, key, default, pattern):
             "and the punctuation shown)"
         )
     return value
+
+
+def _is_target(name):
+    """Whether iptables has a target extension of this name (MARK, TEE, CT...).
+
+    iptables refuses such a chain name when asked directly, but not in every
+    path (a restore takes `-N MARK` and then `-j MARK` reads as the target).
+    """
+    return any(
+        next(XTABLES.glob(f"*/xtables/lib{family}_{name}.so"), None)
+        for family in ("xt", "ipt", "ip6t")
+    )
 
 
 def _optional_path(section, key, resolve):

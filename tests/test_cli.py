@@ -129,6 +129,21 @@ def test_bad_input_is_refused_with_one_line(run, argv, reason):
     assert Block.select().count() == 0
 
 
+def test_approve_lifting_many_blocks_names_ten_and_counts(run):
+    for host in range(1, 13):
+        assert run("block", f"198.51.100.{host}", "--permanent")[0] == 0
+        assert run("block", f"203.0.113.{host}", "--permanent")[0] == 0
+
+    status, out, _ = run("approve", "198.51.100.0/28")
+    _, listed, _ = run("approve", "203.0.113.0/28", "--json")
+
+    assert status == 0
+    assert out.startswith("198.51.100.0/28 approved; 12 blocks lifted: ")
+    assert out.strip().endswith(", ... (--json lists all)")
+    assert out.count("198.51.100.") == 1 + 10
+    assert len(json.loads(listed)["lifted"]) == 12
+
+
 def test_approved_address_cannot_be_blocked_and_approving_lifts(run):
     assert run("block", "203.0.113.5", "--permanent")[0] == 0
 

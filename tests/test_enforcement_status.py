@@ -148,6 +148,11 @@ def test_manual_blocks_keep_their_duration_but_count_as_offences(settings):
             "a chain of its own, such as SENDER_FILTER",
         ),
         (
+            'chain = "MARK"',
+            "enforcement.chain = 'MARK' reads as an iptables target or option; name "
+            "a chain of its own, such as SENDER_FILTER",
+        ),
+        (
             'chain = "-j"',
             "enforcement.chain = '-j' reads as an iptables target or option; name "
             "a chain of its own, such as SENDER_FILTER",
