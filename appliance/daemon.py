@@ -6,6 +6,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import replace
 
 from peewee import DatabaseError
 
@@ -305,8 +306,9 @@ class Daemon:
             )
             self._record_failure(wanted, now, f"enforcement failed: {exc}")
             return
-        if reconcile and change:
-            log.warning("kernel drift repaired: %s", drift_summary(change))
+        drift = unexpected(change, self.in_kernel, wanted.expires)
+        if reconcile and drift:
+            log.warning("kernel drift repaired: %s", drift_summary(drift))
         self._log_change(change)
         left_out = set(change.overflow)
         self.in_kernel = {
@@ -397,6 +399,27 @@ class Daemon:
                 continue
             for target in entries:
                 log.info("%s %s enforced (%s backend)", target, what, name)
+
+
+def unexpected(change, sent, expires):
+    """The part of a change the kernel drifted into, not the database's news.
+
+    `sent` is what the daemon last sent (target -> end), `expires` what is in
+    force now. An entry sent and now missing, one never sent yet present, or
+    one re-timed though its end did not change is drift; a block made,
+    lifted or extended since the last pass (committed while this pass read
+    the database) is not.
+    """
+    return replace(
+        change,
+        added=[entry for entry in change.added if entry in sent],
+        removed=[entry for entry in change.removed if entry not in sent],
+        retimed=[
+            entry
+            for entry in change.retimed
+            if entry in sent and sent[entry] == expires.get(entry)
+        ],
+    )
 
 
 def drift_summary(change):

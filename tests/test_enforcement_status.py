@@ -17,9 +17,11 @@ from appliance import config
 from appliance import service
 from appliance.config import ConfigError
 from appliance.daemon import Daemon
+from appliance.daemon import unexpected
 from appliance.models import ApplianceState
 from appliance.models import Block
 from enforcement.dryrun import DryRunBackend
+from enforcement.plan import Change
 from tests.conftest import write_config
 
 HOUR = 3600
@@ -312,3 +314,26 @@ def test_blocks_the_guard_refuses_now_are_left_out_with_one_warning(
     ]
     assert (mine.id, approved.id, kept.id) == (1, 2, 3)
     assert Block.get_by_id(mine.id).enforced is False
+
+
+def test_drift_is_only_what_the_kernel_did_not_get_from_the_database():
+    sent = {"192.0.2.7": None, "192.0.2.8": 1000.0, "192.0.2.9": 2000.0}
+    expires = {"192.0.2.7": None, "192.0.2.8": 1000.0, "192.0.2.9": 5000.0}
+    change = Change(
+        # .7 vanished from the set; .10 is a block made since the last pass
+        added=["192.0.2.7", "192.0.2.10"],
+        # .99 was put in by hand; .8 is a block lifted since the last pass
+        removed=["198.51.100.99", "192.0.2.8"],
+        # .8 re-timed by hand; .9 extended since the last pass
+        retimed=["192.0.2.8", "192.0.2.9"],
+    )
+
+    drift = unexpected(change, sent, expires)
+    news = unexpected(Change(added=["192.0.2.10"], removed=["192.0.2.8"]), sent, {})
+
+    assert (drift.added, drift.removed, drift.retimed) == (
+        ["192.0.2.7"],
+        ["198.51.100.99"],
+        ["192.0.2.8"],
+    )
+    assert not news
