@@ -128,6 +128,16 @@ def refused(host, port=SMTP, timeout=0.5):
     return not host.can_connect(target, port, timeout=timeout)
 
 
+def blocked_spammer(gateway):
+    """The daemon running, SPAMMER blocked for good and refused: (host, block)."""
+    spammer = gateway.lab.add_host("spammer", SPAMMER)
+    gateway.mx.listen(SMTP)
+    gateway.start()
+    block = service.block(SPAMMER, duration=None, actor="cli")
+    assert wait_until(lambda: refused(spammer), 3)
+    return spammer, block
+
+
 def seconds_to_repair(spammer, *damage):
     """Run `damage` in the mx; seconds until the spammer is refused again (≤ 5)."""
     mx = spammer.lab.hosts["mx"]
@@ -140,11 +150,7 @@ def seconds_to_repair(spammer, *damage):
 
 
 def test_set_flushed_by_hand_is_repaired_within_5_seconds(gateway):
-    spammer = gateway.lab.add_host("spammer", SPAMMER)
-    gateway.mx.listen(SMTP)
-    gateway.start()
-    block = service.block(SPAMMER, duration=None, actor="cli")
-    assert wait_until(lambda: refused(spammer), 3)
+    spammer, block = blocked_spammer(gateway)
 
     took = seconds_to_repair(spammer, "ipset", "flush", gateway.settings.set_v4)
 
@@ -159,11 +165,7 @@ def test_set_flushed_by_hand_is_repaired_within_5_seconds(gateway):
 
 
 def test_rule_deleted_by_hand_is_repaired_within_5_seconds(gateway):
-    spammer = gateway.lab.add_host("spammer", SPAMMER)
-    gateway.mx.listen(SMTP)
-    gateway.start()
-    service.block(SPAMMER, duration=None, actor="cli")
-    assert wait_until(lambda: refused(spammer), 3)
+    spammer, _block = blocked_spammer(gateway)
     rule = gateway.mx.run("iptables", "-S", "SENDER_FILTER").stdout.splitlines()[1]
 
     took = seconds_to_repair(
@@ -191,11 +193,7 @@ def test_extra_entry_added_by_hand_is_removed(gateway):
 
 def test_entry_swapped_for_another_by_hand_is_repaired_within_5_seconds(gateway):
     """The count stays the same, so only a full comparison finds it."""
-    spammer = gateway.lab.add_host("spammer", SPAMMER)
-    gateway.mx.listen(SMTP)
-    gateway.start()
-    service.block(SPAMMER, duration=None, actor="cli")
-    assert wait_until(lambda: refused(spammer), 3)
+    spammer, _block = blocked_spammer(gateway)
     name = gateway.settings.set_v4
     swap = f"del {name} {SPAMMER}\nadd {name} 198.51.100.99 timeout 0\n"
 
