@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BATCH_LINES = 5000
 CATCH_UP_LINES = 50000
+PART_LINES = 4000
 FILES_READ = "files-read:"
 
 
@@ -197,18 +198,24 @@ class Pipeline:
         if not lines:
             return 0
         events = source.decoder.feed_lines(lines)
-        self.commit(source, events, source.snapshot())
+        self.commit(source, (events,), source.snapshot)
         return len(lines)
 
-    def commit(self, source, events, snapshot):
-        """Count a batch's events and save where its source stands, in one go."""
+    def commit(self, source, parts, snapshot):
+        """Count a batch's events and save where its source stands, in one go.
+
+        `parts` are the batch's events in lists, which may still be arriving
+        while the first are counted; `snapshot` gives the source's position
+        after them, asked for once they are all in.
+        """
         process = self.profiler.process
         self.profiler.source = source.path
         with db.atomic():
-            for event in events:
-                process(event)
+            for events in parts:
+                for event in events:
+                    process(event)
             self.profiler.flush()
-            source.save(snapshot)
+            source.save(snapshot())
 
 
 @dataclass(slots=True)
@@ -224,8 +231,8 @@ class Snapshot:
 
 
 @dataclass(slots=True)
-class Batch:
-    """Lines decoded ahead by the reading process, and where that left the source."""
+class BatchEnd:
+    """The last part of a batch read ahead: where the source stands after it."""
 
     lines: int
     events: list
@@ -235,37 +242,53 @@ class Batch:
 
 
 class ReadAhead:
-    """Reads and decodes a source in a child process, a batch ahead of counting.
+    """Reads and decodes a source in a child process, ahead of counting.
 
-    Catching up is one long stream: on two or more cores, decoding the next
-    batch overlaps with counting and committing this one. Each batch carries
-    the source's position and decoder state after it, which the parent saves
-    with the batch's counts, so exactly-once holds as in `Pipeline.step`.
-    The child touches no database; it stops when the parent goes away.
+    Catching up is one long stream: on two or more cores, decoding goes on
+    while the parent counts. A batch of `limit` lines, committed as one,
+    arrives in parts of `part` lines, so the parent counts the first part
+    while the child decodes the next one: neither waits for a whole batch at
+    the start or the end. The batch's last part (a BatchEnd) carries the
+    source's position and decoder state after it, which the parent saves with
+    the batch's counts, so exactly-once holds as in `Pipeline.step`. The child
+    touches no database; it stops when the parent goes away.
     """
 
-    def __init__(self, source, limit=CATCH_UP_LINES):
+    def __init__(self, source, limit=CATCH_UP_LINES, part=PART_LINES):
         context = multiprocessing.get_context("fork")
         self.receiving, sending = context.Pipe(duplex=False)
         self.child = context.Process(
-            target=_decode_ahead, args=(source, sending, limit), daemon=True
+            target=_decode_ahead, args=(source, sending, limit, part), daemon=True
         )
         self.child.start()
         sending.close()
+        self.end = None
 
-    def __iter__(self):
-        """The batches in order, until the source is read to its end."""
-        while True:
-            try:
-                batch = self.receiving.recv()
-            except EOFError:
-                raise RuntimeError("the log reading process died") from None
-            if batch is None:
-                return
-            if isinstance(batch, str):
-                raise RuntimeError(f"reading the log failed: {batch}")
-            batch.events = _mail_events(batch.events)
-            yield batch
+    def batches(self):
+        """Each batch's parts as they arrive, until the source is read to its end.
+
+        A batch's BatchEnd is `self.end` once its parts have been iterated.
+        """
+        while (first := self._receive()) is not None:
+            yield self._parts(first)
+
+    def _parts(self, message):
+        """One batch's events, a part at a time, up to and including its end."""
+        while not isinstance(message, BatchEnd):
+            yield _mail_events(message)
+            message = self._receive()
+        self.end = message
+        yield _mail_events(message.events)
+
+    def _receive(self):
+        """The child's next message: a part's events, a BatchEnd, or None at the end."""
+        try:
+            message = self.receiving.recv()
+        except EOFError:
+            raise RuntimeError("the log reading process died") from None
+        if isinstance(message, str):
+            raise RuntimeError(f"reading the log failed: {message}")
+        return message
 
     def close(self):
         """Stop the child if it still runs."""
@@ -275,23 +298,25 @@ class ReadAhead:
         self.child.join()
 
 
-def _decode_ahead(source, sending, limit):
-    """The child's loop: read, decode, send each batch with its snapshot."""
+def _decode_ahead(source, sending, limit, part):
+    """The child's loop: read a batch, decode it in parts; the last has its snapshot."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # the objects inherited from the parent stay as they are: the collector
     # need not walk them (nor copy their pages, shared until written)
     gc.freeze()
     try:
         while lines := source.file.lines(limit):
-            events = source.decoder.feed_lines(lines)
-            batch = Batch(
+            parts = [lines[at : at + part] for at in range(0, len(lines), part)]
+            for some in parts[:-1]:
+                sending.send(_plain(source.decoder.feed_lines(some)))
+            end = BatchEnd(
                 len(lines),
-                _plain(events),
+                _plain(source.decoder.feed_lines(parts[-1])),
                 source.snapshot(),
                 source.file.progress(),
                 source.file.queued()[:1],
             )
-            sending.send(batch)
+            sending.send(end)
         sending.send(None)
     except BrokenPipeError:
         return
@@ -389,9 +414,10 @@ def catch_up(pipeline, source, progress):
     ahead = ReadAhead(source)
     bar = LinesProgress(source.path, progress)
     try:
-        for batch in ahead:
-            pipeline.commit(source, batch.events, batch.snapshot)
-            bar.advance(batch.lines, *batch.progress, batch.reading)
+        for parts in ahead.batches():
+            pipeline.commit(source, parts, lambda: ahead.end.snapshot)
+            end = ahead.end
+            bar.advance(end.lines, *end.progress, end.reading)
             # what the profiler holds after a batch (window events, histories)
             # lives long and forms no cycles: frozen, the collector's full
             # passes stop walking all of it (15% of this process's CPU)
