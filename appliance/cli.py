@@ -15,7 +15,6 @@ from appliance import lists
 from appliance import models
 from appliance import service
 from appliance.queries import status_now
-from appliance.resolve import NameResolver
 from appliance.timefmt import format_duration
 from appliance.timefmt import iso
 from appliance.timefmt import parse_duration
@@ -393,6 +392,9 @@ def kernel_json(block, dry_run):
 
 def name_resolver(settings):
     """The resolver for domain names typed on the command line."""
+    # the DNS library loads here, not at every start of the CLI
+    from appliance.resolve import NameResolver
+
     return NameResolver(settings.nameservers, settings.dns_timeout)
 
 

@@ -17,12 +17,12 @@ from dataclasses import field
 
 from appliance import addresses
 from appliance import service
+from appliance.domains import ResolveError
+from appliance.domains import domain_name
 from appliance.models import ApplianceState
 from appliance.models import ApprovedHost
 from appliance.models import Block
 from appliance.models import db
-from appliance.resolve import ResolveError
-from appliance.resolve import domain_name
 from appliance.timefmt import format_duration
 from appliance.timefmt import iso
 

@@ -2,34 +2,15 @@
 
 import ipaddress
 import logging
-import re
 
 import dns.exception
 import dns.nameserver
 import dns.resolver
 
+from appliance.domains import ResolveError
+from appliance.domains import domain_name
+
 log = logging.getLogger(__name__)
-
-# letters, digits and hyphens per label, at least two labels, 253 characters
-LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-
-
-class ResolveError(Exception):
-    """A name that is not a domain name, or that gives no address."""
-
-
-def domain_name(text):
-    """A domain name in lower case without the final dot; ResolveError if not one."""
-    name = text.strip().lower().removesuffix(".")
-    labels = name.split(".")
-    if (
-        len(name) > 253
-        or len(labels) < 2
-        or not all(LABEL.match(label) for label in labels)
-        or labels[-1].isdigit()
-    ):
-        raise ResolveError(f"{text.strip()[:60]!r} is not a domain name")
-    return name
 
 
 class NameResolver:
