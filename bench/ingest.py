@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from appliance import loggen
+from appliance.sources import correlate
 
 REPO = Path(__file__).resolve().parents[1]
 F2B_FILTER = "/etc/fail2ban/filter.d/postfix.conf"
@@ -115,6 +116,8 @@ def main(argv=None):
             f"({our_lines:,} lines in {our_seconds:.2f} s, peak RSS {our_rss:.0f} MiB)"
         )
         print(f"ratio: {our_rate / f2b_rate:.2f}x  (SPEC §9 bar: 5x)")
+        compiled = correlate.__file__.endswith(".so")
+        print(f"parser: {'compiled by mypyc' if compiled else 'pure Python'}")
 
         crowd = tmp / "senders.log"
         many_senders_log(crowd, args.senders)

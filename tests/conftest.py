@@ -12,6 +12,34 @@ from appliance import service
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "public"
 IN_CI = os.environ.get("CI") == "true"
+SOURCES = Path(__file__).resolve().parents[1] / "appliance" / "sources"
+
+
+def compiled_modules():
+    """(source, compiled file) of each mail-log module mypyc built beside its source."""
+    pairs = []
+    for built in sorted(SOURCES.glob("*.so")):
+        source = built.with_name(built.name.split(".")[0] + ".py")
+        if source.exists():
+            pairs.append((source, built))
+    return pairs
+
+
+def pytest_sessionstart(session):
+    """Stop at once when a compiled parser module is older than its source.
+
+    Python would import the stale build and the tests would check old code.
+    """
+    stale = [
+        source.name
+        for source, built in compiled_modules()
+        if source.stat().st_mtime > built.stat().st_mtime
+    ]
+    if stale:
+        pytest.exit(
+            f"{', '.join(stale)} changed since compiled: run `make .venv/.compiled`",
+            returncode=4,
+        )
 
 
 def require(condition, reason):

@@ -19,13 +19,17 @@ def package_data():
 
 
 def data_files(package):
-    """Every file of a package that is not Python source or bytecode."""
+    """Every file of a package that is not Python source, bytecode or a build of it.
+
+    The mail-log modules mypyc compiles (setup.py) are built beside their
+    sources: the wheel gets its own build of them.
+    """
     directory = ROOT / package
     return {
         path.relative_to(directory).as_posix()
         for path in directory.rglob("*")
         if path.is_file()
-        and path.suffix not in {".py", ".pyc"}
+        and path.suffix not in {".py", ".pyc", ".so"}
         and "__pycache__" not in path.parts
     }
 

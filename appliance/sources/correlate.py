@@ -17,12 +17,19 @@ pipeline can save it in the same database transaction as the counts.
 
 import logging
 import re
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
+from typing import Final
+from typing import cast
 
 from appliance.events import MailEvent
 from appliance.sources import logline
 from appliance.sources import maillog
 from appliance.sources import postfix
 from appliance.sources import scanners
+from appliance.sources.logline import LogLine
 from appliance.sources.timestamps import StampReader
 
 log = logging.getLogger(__name__)
@@ -58,15 +65,17 @@ HOT = re.compile(
     r")"
 )
 
-STATE_VERSION = 1
-QUEUED_LIFETIME = 2 * 86400.0
-OPEN_LIFETIME = 3600.0
-PRUNE_EVERY = 300.0
-QUEUED = "queued"
-SETTLED = "settled"
-VERDICTS = frozenset(("spam", "virus"))
-UNCOUNTED_STAGES = ("MAIL", "VRFY")
-MISSING_LIMIT = 1000
+STATE_VERSION: Final = 1
+QUEUED_LIFETIME: Final = 2 * 86400.0
+OPEN_LIFETIME: Final = 3600.0
+PRUNE_EVERY: Final = 300.0
+QUEUED: Final = "queued"
+SETTLED: Final = "settled"
+VERDICTS: Final = frozenset(("spam", "virus"))
+UNCOUNTED_STAGES: Final = ("MAIL", "VRFY")
+MISSING_LIMIT: Final = 1000
+
+Events = list[MailEvent]
 
 
 class Transaction:
@@ -74,14 +83,21 @@ class Transaction:
 
     __slots__ = ("ip", "sender", "ts", "flags", "session")
 
-    def __init__(self, ip, sender, ts, flags=(), session=None):
+    def __init__(
+        self,
+        ip: str | None,
+        sender: str | None,
+        ts: float,
+        flags: Iterable[str] = (),
+        session: str | None = None,
+    ) -> None:
         self.ip = ip
         self.sender = sender
         self.ts = ts
         self.flags = set(flags)
         self.session = session
 
-    def as_list(self):
+    def as_list(self) -> list[object]:
         """The JSON form: [ip, sender, last seen, sorted flags, session]."""
         return [self.ip, self.sender, self.ts, sorted(self.flags), self.session]
 
@@ -91,14 +107,21 @@ class Session:
 
     __slots__ = ("ip", "ts", "transactions", "recipients", "queue_ids")
 
-    def __init__(self, ip, ts, transactions=0, recipients=0, queue_ids=()):
+    def __init__(
+        self,
+        ip: str,
+        ts: float,
+        transactions: int = 0,
+        recipients: int = 0,
+        queue_ids: Iterable[str] = (),
+    ) -> None:
         self.ip = ip
         self.ts = ts
         self.transactions = transactions
         self.recipients = recipients
         self.queue_ids = list(queue_ids)
 
-    def as_list(self):
+    def as_list(self) -> list[object]:
         """The JSON form: [ip, last seen, transactions, recipients, queue IDs]."""
         return [self.ip, self.ts, self.transactions, self.recipients, self.queue_ids]
 
@@ -118,17 +141,17 @@ class Correlator:
     handled, which only the handlers that can charge a violation read.
     """
 
-    def __init__(self, now=None):
+    def __init__(self, now: Callable[[], float] | None = None) -> None:
         self.stamps = StampReader() if now is None else StampReader(now=now)
         self.lines = 0
         self.skipped = 0
         self.line = ""
-        self.groups = {}
-        self.queue = {}
-        self.sessions = {}
+        self.groups: dict[str, Transaction] = {}
+        self.queue: dict[str, Transaction] = {}
+        self.sessions: dict[str, Session] = {}
         self.newest = 0.0
         self.pruned_at = 0.0
-        self.handlers = {
+        self.handlers: dict[str, Callable[[LogLine], Events]] = {
             logline.CONNECT: self._connect_record,
             logline.DISCONNECT: self._disconnect_record,
             logline.SESSION_EDGE: self._session_edge,
@@ -143,31 +166,33 @@ class Correlator:
             logline.VERDICT: self._verdict,
         }
 
-    def feed(self, line):
+    def feed(self, line: str) -> Events:
         """The MailEvents one log line produces (often none); never raises."""
         return self.feed_lines((line,))
 
-    def feed_lines(self, lines):
+    def feed_lines(self, lines: Sequence[str]) -> Events:
         """The MailEvents a batch of lines produces, in order; never raises.
 
         The commonest Postfix lines, those HOT knows, are read with one match
         and handled here; every other line goes through `maillog.parse`.
         """
-        events = []
+        events: Events = []
         self.lines += len(lines)
         stamps = self.stamps
         hot = HOT.match
-        address = logline.address
+        stamp: tuple[float, int] | None
+        ts: float
         for line in lines:
             if line.startswith(stamps.last_prefix):
                 stamp = stamps.last_found
             else:
                 stamp = stamps.read(line)
             found = None if stamp is None else hot(line, stamp[1])
-            if found is None:
+            if found is None or stamp is None:
                 events += self._feed_parsed(line)
                 continue
-            kind = found.lastgroup
+            # every form HOT knows ends in a marker group: never None
+            kind = cast(str, found.lastgroup)
             if kind == "ignored":
                 continue
             ts = stamp[0]
@@ -181,9 +206,9 @@ class Correlator:
             if kind == "removed":
                 self.queue.pop(found["removed_id"], None)
             elif kind == "connect":
-                self._connect(found["smtpd"], address(found["connect_ip"]), ts)
+                self._connect(found["smtpd"], logline.address(found["connect_ip"]), ts)
             elif kind == "client":
-                ip = address(found["client_ip"])
+                ip = logline.address(found["client_ip"])
                 events += self._client(found["client_id"], found["smtpd"], ip, ts)
             elif kind == "queued":
                 self.line = line
@@ -192,7 +217,7 @@ class Correlator:
                     found["queued_id"], found["from"], recipients, ts
                 )
             elif kind == "disconnect":
-                ip = address(found["disconnect_ip"])
+                ip = logline.address(found["disconnect_ip"])
                 counters = postfix.session_counters(line, found.end())
                 events += self._disconnect(found["smtpd"], ip, counters, ts)
             else:
@@ -200,7 +225,9 @@ class Correlator:
                 events += self._hot_reject(kind, found, line.rstrip("\r\n"), ts)
         return events
 
-    def _hot_reject(self, kind, found, line, ts):
+    def _hot_reject(
+        self, kind: str, found: re.Match[str], line: str, ts: float
+    ) -> Events:
         """A reject or amavis verdict HOT split: read on by the reader's own rules."""
         if kind == "blocked":
             category = found["category"]
@@ -214,11 +241,15 @@ class Correlator:
                 "NOQUEUE", "reject", "RCPT", ip, text, ts, process
             )
             return self._rcpt_reject(record)
-        parts = found.group("milter_id", "action", "stage", "milter_ip")
-        record = postfix.read_reject(*parts, text, ts, found["cleanup"])
+        queue_id, action, stage, ip = found.group(
+            "milter_id", "action", "stage", "milter_ip"
+        )
+        record = postfix.read_reject(
+            queue_id, action, stage, ip, text, ts, found["cleanup"]
+        )
         return self._content_reject(record)
 
-    def _feed_parsed(self, line):
+    def _feed_parsed(self, line: str) -> Events:
         """The MailEvents of a line read by `maillog.parse`."""
         self.line = line
         record = maillog.parse(line, self.stamps)
@@ -237,17 +268,17 @@ class Correlator:
                 self.prune()
         return handler(record)
 
-    def _session_edge(self, record):
+    def _session_edge(self, record: LogLine) -> Events:
         """A postscreen client comes or goes: its reject group is over."""
         self.groups.pop(record.session, None)
         return []
 
-    def _connect_record(self, record):
+    def _connect_record(self, record: LogLine) -> Events:
         """smtpd connect, as `maillog.parse` reads it."""
         self._connect(record.session, record.ip, record.ts)
         return []
 
-    def _connect(self, process, ip, ts):
+    def _connect(self, process: str, ip: str | None, ts: float) -> None:
         """smtpd connect: a new session, with nothing charged to it yet."""
         self.groups.pop(process, None)
         if ip is None:
@@ -255,11 +286,17 @@ class Correlator:
         else:
             self.sessions[process] = Session(ip, ts)
 
-    def _disconnect_record(self, record):
+    def _disconnect_record(self, record: LogLine) -> Events:
         """smtpd disconnect, as `maillog.parse` reads it."""
         return self._disconnect(record.session, record.ip, record.counters, record.ts)
 
-    def _disconnect(self, process, ip, counters, ts):
+    def _disconnect(
+        self,
+        process: str,
+        ip: str | None,
+        counters: tuple[int, int] | None,
+        ts: float,
+    ) -> Events:
         """smtpd disconnect: add what the session's counters show beyond its lines.
 
         Transactions: accepted MAIL commands beyond those charged. Recipients:
@@ -284,11 +321,12 @@ class Correlator:
         events += [MailEvent(ts, ip, 1) for _ in range(missing - 1)]
         return events
 
-    def _client_record(self, record):
+    def _client_record(self, record: LogLine) -> Events:
         """smtpd `client=`, as `maillog.parse` reads it."""
-        return self._client(record.queue_id, record.session, record.ip, record.ts)
+        queue_id = cast(str, record.queue_id)  # a CLIENT line always has one
+        return self._client(queue_id, record.session, record.ip, record.ts)
 
-    def _client(self, queue_id, process, ip, ts):
+    def _client(self, queue_id: str, process: str, ip: str | None, ts: float) -> Events:
         """A queue file: a new transaction, or the open reject group's one."""
         if queue_id in self.queue:
             return []
@@ -305,9 +343,9 @@ class Correlator:
         self.queue[queue_id] = transaction
         return self._charge(ts, transaction, 1, session=session)
 
-    def _rcpt_reject(self, record):
+    def _rcpt_reject(self, record: LogLine) -> Events:
         """A rejected recipient: one more, DHA when it does not exist; RBL is spam."""
-        violations = ("dha",) if record.unknown else ()
+        violations: tuple[str, ...] = ("dha",) if record.unknown else ()
         if record.verdict is not None:
             violations += (record.verdict,)
         unknown = 1 if record.unknown else 0
@@ -315,14 +353,14 @@ class Correlator:
             return self._charge_queue(record, violations, 1, unknown)
         return self._charge_group(record, violations, 1, unknown, close=False)
 
-    def _vrfy_reject(self, record):
+    def _vrfy_reject(self, record: LogLine) -> Events:
         """VRFY of a user that does not exist: a probe, counted as a transaction."""
         if not record.unknown:
             return []
         transaction = Transaction(record.ip, None, record.ts)
         return self._charge(record.ts, transaction, 1, ("dha",), 1, 1)
 
-    def _mail_reject(self, record):
+    def _mail_reject(self, record: LogLine) -> Events:
         """A rejected MAIL FROM: a transaction of its own (spam if RBL-listed)."""
         self.groups.pop(record.session, None)
         violations = (record.verdict,) if record.verdict else ()
@@ -331,13 +369,13 @@ class Correlator:
         transaction = Transaction(record.ip, record.sender, record.ts)
         return self._charge(record.ts, transaction, 1, violations)
 
-    def _data_reject(self, record):
+    def _data_reject(self, record: LogLine) -> Events:
         """A rejected DATA/BDAT: ends the transaction (counted already if known)."""
         if record.queue_id is not None:
             return self._charge_queue(record, ())
         return self._charge_group(record, (), 0, 0, close=True)
 
-    def _content_reject(self, record):
+    def _content_reject(self, record: LogLine) -> Events:
         """A milter verdict (reject, discard, hold); 4xx ones carry no verdict."""
         violations = (record.verdict,) if record.verdict else ()
         if record.queue_id is not None:
@@ -345,13 +383,14 @@ class Correlator:
         close = record.stage != "RCPT"
         return self._charge_group(record, violations, record.recipients, 0, close)
 
-    def _queued_record(self, record):
+    def _queued_record(self, record: LogLine) -> Events:
         """qmgr's `from=<...>, size=..., nrcpt=...`, as `maillog.parse` reads it."""
-        return self._queued(
-            record.queue_id, record.sender, record.recipients, record.ts
-        )
+        queue_id = cast(str, record.queue_id)  # a QUEUED line always has one
+        return self._queued(queue_id, record.sender, record.recipients, record.ts)
 
-    def _queued(self, queue_id, sender, recipients, ts):
+    def _queued(
+        self, queue_id: str, sender: str | None, recipients: int, ts: float
+    ) -> Events:
         """qmgr took the message: its accepted recipients; null sender is a bounce."""
         transaction = self.queue.get(queue_id)
         if transaction is None or QUEUED in transaction.flags:
@@ -361,17 +400,18 @@ class Correlator:
         violations = ("bounce",) if sender == "" else ()
         if SETTLED in transaction.flags:
             return self._charge(ts, transaction, 0, violations)
-        session = self.sessions.get(transaction.session)
+        process = transaction.session
+        session = None if process is None else self.sessions.get(process)
         if session is not None and queue_id not in session.queue_ids:
             session = None
         return self._charge(ts, transaction, 0, violations, recipients, session=session)
 
-    def _removed(self, record):
+    def _removed(self, record: LogLine) -> Events:
         """qmgr removed the message: nothing more will name its queue ID."""
-        self.queue.pop(record.queue_id, None)
+        self.queue.pop(cast(str, record.queue_id), None)
         return []
 
-    def _verdict(self, record):
+    def _verdict(self, record: LogLine) -> Events:
         """A scanner's verdict, charged to its queue ID's IP or the line's own IP.
 
         A verdict for a queue ID never seen, on a line without an IP (the log
@@ -387,23 +427,30 @@ class Correlator:
         transaction = Transaction(record.ip, None, record.ts)
         return self._charge(record.ts, transaction, 1, (record.verdict,))
 
-    def _session_of(self, process, ip):
+    def _session_of(self, process: str, ip: str | None) -> Session | None:
         """The open smtpd session a line belongs to, if it is that client's."""
         session = self.sessions.get(process)
         if session is None or session.ip != ip:
             return None
         return session
 
-    def _charge_queue(self, record, violations, recipients=0, unknown=0):
+    def _charge_queue(
+        self,
+        record: LogLine,
+        violations: tuple[str, ...],
+        recipients: int = 0,
+        unknown: int = 0,
+    ) -> Events:
         """Charge a queue ID's transaction; an unseen queue ID is a new one."""
-        transaction = self.queue.get(record.queue_id)
+        queue_id = cast(str, record.queue_id)  # the callers checked it
+        transaction = self.queue.get(queue_id)
         session = self._session_of(record.session, record.ip)
         if transaction is None:
             transaction = Transaction(record.ip, record.sender, record.ts)
-            self.queue[record.queue_id] = transaction
+            self.queue[queue_id] = transaction
             if session is not None:
                 transaction.session = record.session
-                session.queue_ids.append(record.queue_id)
+                session.queue_ids.append(queue_id)
             message = 1
         else:
             transaction.ts = record.ts
@@ -412,7 +459,14 @@ class Correlator:
             record, transaction, message, violations, recipients, unknown, session
         )
 
-    def _charge_group(self, record, violations, recipients, unknown, close):
+    def _charge_group(
+        self,
+        record: LogLine,
+        violations: tuple[str, ...],
+        recipients: int,
+        unknown: int,
+        close: bool,
+    ) -> Events:
         """Charge a NOQUEUE line to its session's reject group, opening one if new."""
         group = self.groups.get(record.session)
         if group is None or group.ip != record.ip or group.sender != record.sender:
@@ -429,25 +483,42 @@ class Correlator:
             record, group, message, violations, recipients, unknown, session
         )
 
-    def _charge_line(self, record, transaction, *counts):
+    def _charge_line(
+        self,
+        record: LogLine,
+        transaction: Transaction,
+        message: int,
+        violations: tuple[str, ...],
+        recipients: int,
+        unknown: int,
+        session: Session | None,
+    ) -> Events:
         """`_charge` for a line read by `maillog.parse`: its time, stage and guess."""
         return self._charge(
-            record.ts, transaction, *counts, stage=record.stage, guess=record.guess
+            record.ts,
+            transaction,
+            message,
+            violations,
+            recipients,
+            unknown,
+            session,
+            stage=record.stage,
+            guess=record.guess,
         )
 
     def _charge(
         self,
-        ts,
-        transaction,
-        message,
-        violations=(),
-        recipients=0,
-        unknown=0,
-        session=None,
+        ts: float,
+        transaction: Transaction,
+        message: int,
+        violations: tuple[str, ...] = (),
+        recipients: int = 0,
+        unknown: int = 0,
+        session: Session | None = None,
         *,
-        stage=None,
-        guess=False,
-    ):
+        stage: str | None = None,
+        guess: bool = False,
+    ) -> Events:
         """The event for one line of a transaction; each type at most once per one.
 
         A guessed verdict (a bare milter reject) is dropped when the transaction
@@ -459,7 +530,7 @@ class Correlator:
             session.recipients += recipients
             if message and stage not in UNCOUNTED_STAGES:
                 session.transactions += 1
-        new = ()
+        new: tuple[str, ...] = ()
         if violations:
             flags = transaction.flags
             if not (guess and not flags.isdisjoint(VERDICTS)):
@@ -472,7 +543,7 @@ class Correlator:
         line = self.line.rstrip("\r\n") if new else None
         return [MailEvent(ts, transaction.ip, message, new, recipients, unknown, line)]
 
-    def prune(self):
+    def prune(self) -> None:
         """Forget sessions and queue IDs no line has named for a long while."""
         open_since = self.newest - OPEN_LIFETIME
         queued_since = self.newest - QUEUED_LIFETIME
@@ -492,7 +563,7 @@ class Correlator:
         }
         self.pruned_at = self.newest
 
-    def dump(self):
+    def dump(self) -> dict[str, object]:
         """The correlation state and counters as plain JSON-serialisable data."""
         return {
             "version": STATE_VERSION,
@@ -506,7 +577,9 @@ class Correlator:
         }
 
     @classmethod
-    def restore(cls, state, now=None):
+    def restore(
+        cls, state: dict[str, Any] | None, now: Callable[[], float] | None = None
+    ) -> "Correlator":
         """A Correlator that goes on where the one that dumped `state` stopped."""
         correlator = cls(now=now)
         if not state or state.get("version") != STATE_VERSION:

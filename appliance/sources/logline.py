@@ -6,30 +6,46 @@ nothing, SKIPPED lines are not understood.
 """
 
 import logging
+from typing import Final
+from typing import cast
 
 from appliance.addresses import AddressError
 from appliance.addresses import parse_ip
 
 log = logging.getLogger(__name__)
 
-IGNORED = "ignored"
-SKIPPED = "skipped"
-CONNECT = "connect"
-DISCONNECT = "disconnect"
-SESSION_EDGE = "session-edge"
-CLIENT = "client"
-RCPT_REJECT = "rcpt-reject"
-VRFY_REJECT = "vrfy-reject"
-MAIL_REJECT = "mail-reject"
-DATA_REJECT = "data-reject"
-SESSION_REJECT = "session-reject"
-CONTENT_REJECT = "content-reject"
-QUEUED = "queued"
-REMOVED = "removed"
-VERDICT = "verdict"
+IGNORED: Final = "ignored"
+SKIPPED: Final = "skipped"
+CONNECT: Final = "connect"
+DISCONNECT: Final = "disconnect"
+SESSION_EDGE: Final = "session-edge"
+CLIENT: Final = "client"
+RCPT_REJECT: Final = "rcpt-reject"
+VRFY_REJECT: Final = "vrfy-reject"
+MAIL_REJECT: Final = "mail-reject"
+DATA_REJECT: Final = "data-reject"
+SESSION_REJECT: Final = "session-reject"
+CONTENT_REJECT: Final = "content-reject"
+QUEUED: Final = "queued"
+REMOVED: Final = "removed"
+VERDICT: Final = "verdict"
 
-QUEUE_ID = r"[0-9A-F]{5,16}|[0-9BCDFGHJ-NP-TV-Zbcdfghj-np-tv-z]{10,20}"
-ADDRESS_CACHE_LIMIT = 65536
+QUEUE_ID: Final = r"[0-9A-F]{5,16}|[0-9BCDFGHJ-NP-TV-Zbcdfghj-np-tv-z]{10,20}"
+ADDRESS_CACHE_LIMIT: Final = 65536
+FIELDS: Final = (
+    "kind",
+    "ts",
+    "session",
+    "queue_id",
+    "ip",
+    "sender",
+    "recipients",
+    "unknown",
+    "verdict",
+    "guess",
+    "stage",
+    "counters",
+)
 
 
 class LogLine:
@@ -44,55 +60,51 @@ class LogLine:
     `counters` are a disconnect's (accepted MAIL commands, RCPT commands).
     """
 
-    __slots__ = (
-        "kind",
-        "ts",
-        "session",
-        "queue_id",
-        "ip",
-        "sender",
-        "recipients",
-        "unknown",
-        "verdict",
-        "guess",
-        "stage",
-        "counters",
-    )
+    __slots__ = FIELDS
 
-    def __init__(self, kind, ts=0.0, session="", queue_id=None, ip=None):
+    def __init__(
+        self,
+        kind: str,
+        ts: float = 0.0,
+        session: str = "",
+        queue_id: str | None = None,
+        ip: str | None = None,
+    ) -> None:
         self.kind = kind
         self.ts = ts
         self.session = session
         self.queue_id = queue_id
         self.ip = ip
-        self.sender = None
+        self.sender: str | None = None
         self.recipients = 0
         self.unknown = False
-        self.verdict = None
+        self.verdict: str | None = None
         self.guess = False
-        self.stage = None
-        self.counters = None
+        self.stage: str | None = None
+        self.counters: tuple[int, int] | None = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         """A compact form for test failures and debug logs."""
-        fields = (f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        # FIELDS, not __slots__: a class compiled by mypyc has no __slots__
+        fields = (f"{name}={getattr(self, name)!r}" for name in FIELDS)
         return f"LogLine({', '.join(fields)})"
 
 
 IGNORED_LINE = LogLine(IGNORED)
 SKIPPED_LINE = LogLine(SKIPPED)
-_addresses = {}
+_addresses: dict[str, str | None] = {}
 
 
-def address(text):
+def address(text: str) -> str | None:
     """A client address as normalised text; None if not one, or one never charged.
 
     Loopback, unspecified (`0.0.0.0`, `::`) and scoped link-local addresses
     are never a sender to count.
     """
-    found = _addresses.get(text, False)
-    if found is not False:
-        return found
+    cached = _addresses.get(text, False)
+    if cached is not False:
+        return cast(str | None, cached)
+    found: str | None
     try:
         parsed = parse_ip(text)
     except (AddressError, ValueError):

@@ -8,22 +8,28 @@ or program. What a line can mean is in `logline`.
 
 import logging
 import re
+from collections.abc import Callable
+from typing import Final
+from typing import Literal
 
 from appliance.sources import postfix
 from appliance.sources import scanners
 from appliance.sources.logline import IGNORED_LINE
 from appliance.sources.logline import SKIPPED_LINE
+from appliance.sources.logline import LogLine
+from appliance.sources.timestamps import StampReader
 
 log = logging.getLogger(__name__)
 
 # group 1: the process as `program[pid]`, group 2: the program
-HEADER = re.compile(r"\S+ (([^\s\[\]:]+)(?:\[\d{1,10}\])?): ")
-AMAVIS_NAMES = ("amavis", "/usr/sbin/amavis")
-PROGRAM_CACHE_LIMIT = 1024
-_readers = {}
+HEADER: Final = re.compile(r"\S+ (([^\s\[\]:]+)(?:\[\d{1,10}\])?): ")
+AMAVIS_NAMES: Final = ("amavis", "/usr/sbin/amavis")
+PROGRAM_CACHE_LIMIT: Final = 1024
+Reader = Callable[..., LogLine]
+_readers: dict[str, Reader | Literal[False]] = {}
 
 
-def parse(line, stamps):
+def parse(line: str, stamps: StampReader) -> LogLine:
     """Read one line with a timestamps.StampReader; never raises.
 
     Splits off stamp, host and program, then has the program's reader read
@@ -60,10 +66,12 @@ def parse(line, stamps):
         return SKIPPED_LINE
 
 
-def _reader_of(program):
+def _reader_of(program: str) -> Reader | Literal[False]:
     """The reader of a program's lines, or False when its lines carry nothing."""
     if program.startswith("postfix"):
-        reader = postfix.READERS.get(program[program.rfind("/") + 1 :], False)
+        reader: Reader | Literal[False] = postfix.READERS.get(
+            program[program.rfind("/") + 1 :], False
+        )
     elif program.startswith(AMAVIS_NAMES):
         reader = scanners.read_amavis
     elif program.startswith("rspamd"):

@@ -8,6 +8,8 @@ for the profiler and are not read.
 
 import logging
 import re
+from collections.abc import Callable
+from typing import Final
 
 from appliance.sources.logline import CLIENT
 from appliance.sources.logline import CONNECT
@@ -29,43 +31,43 @@ from appliance.sources.logline import address
 
 log = logging.getLogger(__name__)
 
-CLIENT_AT = r"([^\s\[\]]*)\[([^\]\s]{1,80})\](?::\d{1,5})?"
+CLIENT_AT: Final = r"([^\s\[\]]*)\[([^\]\s]{1,80})\](?::\d{1,5})?"
 # the same, with the address as a named group (a `str.format` template)
-CLIENT_AT_NAMED = r"[^\s\[\]]*\[(?P<{name}>[^\]\s]{{1,80}})\](?::\d{{1,5}})?"
-SMTPD_SESSION = re.compile(rf"(connect|disconnect) from {CLIENT_AT}")
-SMTPD_CLIENT = re.compile(rf"({QUEUE_ID}): client={CLIENT_AT}(?:,|$)")
-SMTPD_REJECT = re.compile(
+CLIENT_AT_NAMED: Final = r"[^\s\[\]]*\[(?P<{name}>[^\]\s]{{1,80}})\](?::\d{{1,5}})?"
+SMTPD_SESSION: Final = re.compile(rf"(connect|disconnect) from {CLIENT_AT}")
+SMTPD_CLIENT: Final = re.compile(rf"({QUEUE_ID}): client={CLIENT_AT}(?:,|$)")
+SMTPD_REJECT: Final = re.compile(
     rf"(NOQUEUE|{QUEUE_ID}): (reject|milter-reject|milter-discard|milter-hold"
     rf"|reject_warning|proxy-reject): ([A-Z-]{{4,14}}) from {CLIENT_AT}:? ?(.*)"
 )
-COUNTERS = re.compile(
+COUNTERS: Final = re.compile(
     r" mail=(\d{1,6})(?:/\d{1,6})?(?: rcpt=(\d{1,6})(?:/(\d{1,6}))?)?"
 )
 # `\bfrom=<...>`, written to start with its literal so the search skips ahead
 # in C: the look-behind refuses a word character before `from`
-SENDER = re.compile(r"from=<(?<!\wfrom=<)([^>\s]{0,320})>")
-POSTSCREEN_SESSION = re.compile(rf"(?:CONNECT from|DISCONNECT) {CLIENT_AT}")
-QMGR_QUEUED = re.compile(
+SENDER: Final = re.compile(r"from=<(?<!\wfrom=<)([^>\s]{0,320})>")
+POSTSCREEN_SESSION: Final = re.compile(rf"(?:CONNECT from|DISCONNECT) {CLIENT_AT}")
+QMGR_QUEUED: Final = re.compile(
     rf"({QUEUE_ID}): from=<([^>]{{0,320}})>, size=\d+, nrcpt=(\d{{1,6}}) "
 )
-QMGR_OTHER = re.compile(
+QMGR_OTHER: Final = re.compile(
     rf"({QUEUE_ID}): (removed$|from=<[^>]{{0,320}}>, status=|to=<|skipped, )"
 )
-CLEANUP_ACTION = re.compile(rf"({QUEUE_ID}): [a-z_-]+(?:=|: )")
-SMTPD_ACTION = re.compile(
+CLEANUP_ACTION: Final = re.compile(rf"({QUEUE_ID}): [a-z_-]+(?:=|: )")
+SMTPD_ACTION: Final = re.compile(
     rf"(?:NOQUEUE|{QUEUE_ID}): (?:hold|discard|filter|redirect|warn|info|prepend"
     rf"|replace|bcc|dunno|ok): "
 )
 
-UNKNOWN_RECIPIENT = re.compile(
+UNKNOWN_RECIPIENT: Final = re.compile(
     r"user unknown|undeliverable address|unknown user|no such user", re.IGNORECASE
 )
-MALWARE_WORDS = ("virus", "infected", "malware")
-MALWARE = re.compile("|".join(MALWARE_WORDS), re.IGNORECASE)
-SPAM_WORD = re.compile(r"spam", re.IGNORECASE)
-BLOCKLISTED = " blocked using "
+MALWARE_WORDS: Final = ("virus", "infected", "malware")
+MALWARE: Final = re.compile("|".join(MALWARE_WORDS), re.IGNORECASE)
+SPAM_WORD: Final = re.compile(r"spam", re.IGNORECASE)
+BLOCKLISTED: Final = " blocked using "
 
-SMTPD_NOISE = (
+SMTPD_NOISE: Final = (
     "warning:",
     "error:",
     "fatal:",
@@ -87,7 +89,7 @@ SMTPD_NOISE = (
     "proxy-accept:",
     "xclient: ",
 )
-POSTSCREEN_NOTES = (
+POSTSCREEN_NOTES: Final = (
     "PASS NEW ",
     "PASS OLD ",
     "PREGREET ",
@@ -113,12 +115,12 @@ POSTSCREEN_NOTES = (
     "fatal:",
     "panic:",
 )
-NOISE_ACTIONS = ("reject_warning", "proxy-reject")
-DATA_STAGES = ("DATA", "BDAT", "END-OF-MESSAGE")
-BEFORE_TRANSACTION = ("CONNECT", "EHLO", "HELO", "STARTTLS", "AUTH", "ETRN")
+NOISE_ACTIONS: Final = ("reject_warning", "proxy-reject")
+DATA_STAGES: Final = ("DATA", "BDAT", "END-OF-MESSAGE")
+BEFORE_TRANSACTION: Final = ("CONNECT", "EHLO", "HELO", "STARTTLS", "AUTH", "ETRN")
 
 
-def read_smtpd(message, ts, process):
+def read_smtpd(message: str, ts: float, process: str) -> LogLine:
     """smtpd: sessions, queue files (`client=`) and rejects."""
     first = message[:1]
     if first == "c" or first == "d":
@@ -146,7 +148,7 @@ def read_smtpd(message, ts, process):
     return SKIPPED_LINE
 
 
-def session_counters(message, start):
+def session_counters(message: str, start: int) -> tuple[int, int] | None:
     """(accepted MAIL commands, RCPT commands) from a disconnect's counters.
 
     Postfix 3.0+ ends a session with `ehlo=1 mail=1 rcpt=1/3 ... commands=5/7`:
@@ -161,12 +163,21 @@ def session_counters(message, start):
     return int(match[1]), int(match[3] or match[2] or 0)
 
 
-def _reject(match, ts, session):
+def _reject(match: re.Match[str], ts: float, session: str) -> LogLine:
     """A reject line of smtpd, postscreen or cleanup, as SMTPD_REJECT split it."""
-    return read_reject(*match.group(1, 2, 3, 5, 6), ts, session)
+    queue_id, action, stage, ip, text = match.group(1, 2, 3, 5, 6)
+    return read_reject(queue_id, action, stage, ip, text, ts, session)
 
 
-def read_reject(queue_id, action, stage, ip, text, ts, session):
+def read_reject(
+    queue_id: str,
+    action: str,
+    stage: str,
+    ip: str,
+    text: str,
+    ts: float,
+    session: str,
+) -> LogLine:
     """A reject line read from its parts, by action and stage.
 
     The parts are SMTPD_REJECT's groups: queue ID or `NOQUEUE`, action, SMTP
@@ -174,8 +185,8 @@ def read_reject(queue_id, action, stage, ip, text, ts, session):
     """
     if action in NOISE_ACTIONS:
         return IGNORED_LINE
-    queue_id = None if queue_id == "NOQUEUE" else queue_id
-    record = LogLine(CONTENT_REJECT, ts, session, queue_id, address(ip))
+    known = None if queue_id == "NOQUEUE" else queue_id
+    record = LogLine(CONTENT_REJECT, ts, session, known, address(ip))
     record.stage = stage
     sender = SENDER.search(text)
     record.sender = sender[1] if sender is not None else None
@@ -198,7 +209,7 @@ def read_reject(queue_id, action, stage, ip, text, ts, session):
     return record
 
 
-def _milter_verdict(record, action, text):
+def _milter_verdict(record: LogLine, action: str, text: str) -> LogLine:
     """milter-reject/-discard/-hold: the scanner's verdict, when there is one.
 
     A 4xx reply (greylisting, rspamd's soft reject) is no verdict. A reply that
@@ -219,7 +230,7 @@ def _milter_verdict(record, action, text):
     return record
 
 
-def _names_malware(text):
+def _names_malware(text: str) -> bool:
     """Whether a reply names malware, in any letter case.
 
     ASCII text (nearly all) is lower-cased and searched for the words, several
@@ -232,7 +243,7 @@ def _names_malware(text):
     return MALWARE.search(text) is not None
 
 
-def _names_unknown_recipient(text):
+def _names_unknown_recipient(text: str) -> bool:
     """Whether Postfix's own reason is that the recipient does not exist.
 
     Only the first `... rejected: ` clause counts: a sender verification reply
@@ -244,7 +255,7 @@ def _names_unknown_recipient(text):
     return UNKNOWN_RECIPIENT.match(text, at + 11) is not None
 
 
-def read_postscreen(message, ts, process):
+def read_postscreen(message: str, ts: float, process: str) -> LogLine:
     """postscreen: its RCPT rejects; session lines close a client's reject group."""
     if message.startswith("NOQUEUE: reject: "):
         match = SMTPD_REJECT.match(message)
@@ -262,7 +273,7 @@ def read_postscreen(message, ts, process):
     return SKIPPED_LINE
 
 
-def read_cleanup(message, ts, process):
+def read_cleanup(message: str, ts: float, process: str) -> LogLine:
     """cleanup: milter verdicts; header/body checks and message-ids are ignored."""
     if "milter-" in message:
         match = SMTPD_REJECT.match(message)
@@ -273,15 +284,16 @@ def read_cleanup(message, ts, process):
     return SKIPPED_LINE
 
 
-def read_qmgr(message, ts, process):
+def read_qmgr(message: str, ts: float, process: str) -> LogLine:
     """qmgr: a message entering the active queue (sender, recipients), and removal."""
     if message.endswith(": removed"):
         # the most common qmgr line: QMGR_QUEUED cannot match it
         match = QMGR_OTHER.match(message)
         if match is not None and match[2] == "removed":
             return LogLine(REMOVED, ts, process, match[1])
-    match = QMGR_QUEUED.match(message)
-    if match is not None:
+    queued = QMGR_QUEUED.match(message)
+    if queued is not None:
+        match = queued
         record = LogLine(QUEUED, ts, process, match[1])
         record.sender = match[2]
         record.recipients = int(match[3])
@@ -296,7 +308,7 @@ def read_qmgr(message, ts, process):
     return SKIPPED_LINE
 
 
-READERS = {
+READERS: Final[dict[str, Callable[[str, float, str], LogLine]]] = {
     "smtpd": read_smtpd,
     "qmqpd": read_smtpd,
     "postscreen": read_postscreen,

@@ -7,6 +7,7 @@ client IP). Verdicts Postfix itself logs as milter replies are read in
 
 import logging
 import re
+from typing import Final
 
 from appliance.sources.logline import IGNORED_LINE
 from appliance.sources.logline import QUEUE_ID
@@ -17,32 +18,34 @@ from appliance.sources.logline import address
 
 log = logging.getLogger(__name__)
 
-AMAVIS_VERDICT = re.compile(r"(?:\([\w.-]{1,40}\) )?(Passed|Blocked) ([A-Z][A-Z0-9-]*)")
-AMAVIS_QUEUE_ID = re.compile(rf"Queue-ID: ({QUEUE_ID})\b")
-BRACKETED = re.compile(r"\[([^\]\s]{2,80})\]")
+AMAVIS_VERDICT: Final = re.compile(
+    r"(?:\([\w.-]{1,40}\) )?(Passed|Blocked) ([A-Z][A-Z0-9-]*)"
+)
+AMAVIS_QUEUE_ID: Final = re.compile(rf"Queue-ID: ({QUEUE_ID})\b")
+BRACKETED: Final = re.compile(r"\[([^\]\s]{2,80})\]")
 # amavis content categories, without a numbered subcategory (`BAD-HEADER-0`)
-AMAVIS_THREATS = {
+AMAVIS_THREATS: Final = {
     "SPAM": "spam",
     "SPAMMY": "spam",
     "INFECTED": "virus",
     "BANNED": "virus",
 }
 
-RSPAMD_TASK = "rspamd_task_write_log: "
-RSPAMD_RESULT = re.compile(r"\(\w[\w-]{0,40}: [TFS] \(([a-z ]{2,24})\): \[")
-RSPAMD_QUEUE_ID = re.compile(r"\bqid: <([^>\s]{0,40})>")
-RSPAMD_CLIENT = re.compile(r"\bip: ([0-9A-Fa-f:.]{2,45})(?:,|\s|$)")
-RSPAMD_VIRUS_SYMBOL = re.compile(r"[\[,] ?[A-Z0-9_]{0,40}VIRUS\(")
+RSPAMD_TASK: Final = "rspamd_task_write_log: "
+RSPAMD_RESULT: Final = re.compile(r"\(\w[\w-]{0,40}: [TFS] \(([a-z ]{2,24})\): \[")
+RSPAMD_QUEUE_ID: Final = re.compile(r"\bqid: <([^>\s]{0,40})>")
+RSPAMD_CLIENT: Final = re.compile(r"\bip: ([0-9A-Fa-f:.]{2,45})(?:,|\s|$)")
+RSPAMD_VIRUS_SYMBOL: Final = re.compile(r"[\[,] ?[A-Z0-9_]{0,40}VIRUS\(")
 # rspamd actions that mean the message was taken for spam
-RSPAMD_SPAM_ACTIONS = frozenset(
+RSPAMD_SPAM_ACTIONS: Final = frozenset(
     ("reject", "add header", "rewrite subject", "discard", "quarantine")
 )
 
-CLAMAV_INFECTED = " infected by "
-WHOLE_QUEUE_ID = re.compile(QUEUE_ID)
+CLAMAV_INFECTED: Final = " infected by "
+WHOLE_QUEUE_ID: Final = re.compile(QUEUE_ID)
 
 
-def read_amavis(message, ts):
+def read_amavis(message: str, ts: float) -> LogLine:
     """amavis: a Passed/Blocked verdict with the Queue-ID it was given."""
     if "Passed " not in message and "Blocked " not in message:
         return IGNORED_LINE
@@ -52,7 +55,7 @@ def read_amavis(message, ts):
     return amavis_verdict(match[2], message, match.end(), ts)
 
 
-def amavis_verdict(category, message, start, ts):
+def amavis_verdict(category: str, message: str, start: int, ts: float) -> LogLine:
     """The VERDICT of an amavis category, its queue ID and IP read from `start` on."""
     if category[-1:].isdigit():
         category = category.rstrip("0123456789").rstrip("-")
@@ -67,7 +70,7 @@ def amavis_verdict(category, message, start, ts):
     return record
 
 
-def _first_client(message, start):
+def _first_client(message: str, start: int) -> str | None:
     """The first non-loopback bracketed IP before the sender address, if any."""
     end = message.find(" <", start)
     if end < 0:
@@ -79,7 +82,7 @@ def _first_client(message, start):
     return None
 
 
-def read_rspamd(message, ts):
+def read_rspamd(message: str, ts: float) -> LogLine:
     """rspamd: the task log line a scan ends with; its other lines are ignored.
 
     `(default: T (reject): [16.50/15.00] [SYMBOL(1.00){...},...])`: an action
@@ -93,11 +96,10 @@ def read_rspamd(message, ts):
     if result is None:
         return SKIPPED_LINE
 
-    queue_id = RSPAMD_QUEUE_ID.search(message, at, result.start())
-    if queue_id is not None and WHOLE_QUEUE_ID.fullmatch(queue_id[1]):
-        queue_id = queue_id[1]
-    else:
-        queue_id = None
+    found = RSPAMD_QUEUE_ID.search(message, at, result.start())
+    queue_id: str | None = None
+    if found is not None and WHOLE_QUEUE_ID.fullmatch(found[1]):
+        queue_id = found[1]
     client = RSPAMD_CLIENT.search(message, at, result.start())
     record = LogLine(VERDICT, ts, "rspamd", queue_id)
     record.ip = address(client[1]) if client is not None else None
@@ -108,7 +110,7 @@ def read_rspamd(message, ts):
     return record
 
 
-def read_clamav_milter(message, ts):
+def read_clamav_milter(message: str, ts: float) -> LogLine:
     """clamav-milter: `Message QID from <a> to <b> ... infected by NAME` is a virus.
 
     The line names no client IP: without a queue ID (LogInfected Basic) the

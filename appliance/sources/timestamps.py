@@ -14,9 +14,11 @@ they are local time.
 import calendar
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime
+from typing import Final
 
-MONTHS = {
+MONTHS: Final = {
     name: number
     for number, name in enumerate(
         ("Jan", "Feb", "Mar", "Apr", "May", "Jun")
@@ -24,10 +26,12 @@ MONTHS = {
         start=1,
     )
 }
-FUTURE_SLACK = 86400.0
-CACHE_LIMIT = 4096
+FUTURE_SLACK: Final = 86400.0
+CACHE_LIMIT: Final = 4096
 
-CLASSIC = re.compile(r"(([A-Z][a-z]{2}) {1,2}(\d{1,2}) (\d\d)):(\d\d):(\d\d)(\.\d+)?")
+CLASSIC: Final = re.compile(
+    r"(([A-Z][a-z]{2}) {1,2}(\d{1,2}) (\d\d)):(\d\d):(\d\d)(\.\d+)?"
+)
 
 
 class StampReader:
@@ -39,17 +43,17 @@ class StampReader:
     one `startswith`.
     """
 
-    def __init__(self, now=time.time):
+    def __init__(self, now: Callable[[], float] = time.time) -> None:
         self.now = now
-        self.hour_starts = {}
+        self.hour_starts: dict[tuple[str, int], tuple[float, ...]] = {}
         self.year_span = (0.0, -1.0, 0)
         self.last_classic = ("", 0.0)
         self.last_iso = ("", 0.0)
         # until a stamp is read: no stamp starts with NUL, so None is right
         self.last_prefix = "\0"
-        self.last_found = None
+        self.last_found: tuple[float, int] | None = None
 
-    def read(self, line):
+    def read(self, line: str) -> tuple[float, int] | None:
         """(epoch seconds, index where the rest of the line starts), or None."""
         if line.startswith(self.last_prefix):
             return self.last_found
@@ -59,7 +63,7 @@ class StampReader:
             return self._read_rfc3339(line)
         return self._read_classic(line)
 
-    def _read_rfc3339(self, line):
+    def _read_rfc3339(self, line: str) -> tuple[float, int] | None:
         """An ISO 8601 date and time; naive ones are local time."""
         end = line.find(" ")
         if end == 10 and line[11:13].isdigit() and line[13:14] == ":":
@@ -82,7 +86,7 @@ class StampReader:
         self.last_iso = (text, seconds)
         return self._found(text, seconds, end + 1)
 
-    def _read_classic(self, line):
+    def _read_classic(self, line: str) -> tuple[float, int] | None:
         """A year-less `Mmm dd HH:MM:SS` stamp in the machine's local zone."""
         text = line[:15]
         if text == self.last_classic[0] and line[15:16] == " ":
@@ -104,13 +108,14 @@ class StampReader:
                 return self._found(text, hour_start + offset, 16)
         return None
 
-    def _found(self, text, seconds, start):
+    def _found(self, text: str, seconds: float, start: int) -> tuple[float, int]:
         """Remember a stamp read: a line starting with it and a space reads the same."""
         self.last_prefix = text + " "
-        self.last_found = (seconds, start)
-        return self.last_found
+        found = (seconds, start)
+        self.last_found = found
+        return found
 
-    def _hour_starts(self, match, reference):
+    def _hour_starts(self, match: re.Match[str], reference: float) -> tuple[float, ...]:
         """Epoch starts of a stamp's hour in each candidate year, latest first.
 
         Candidates are next year (a stamp just past New Year) and back eight
@@ -123,13 +128,13 @@ class StampReader:
             end = time.mktime((year + 1, 1, 1, 0, 0, 0, 0, 0, -1))
             self.year_span = (start, end, year)
         key = (match[1], year)
-        starts = self.hour_starts.get(key)
-        if starts is not None:
-            return starts
+        cached = self.hour_starts.get(key)
+        if cached is not None:
+            return cached
 
         month = MONTHS.get(match[2])
         day, hour = int(match[3]), int(match[4])
-        starts = ()
+        starts: tuple[float, ...] = ()
         # Limitation: in the hour repeated when daylight saving time ends, every
         # stamp gets the offset mktime picks; the stamp alone cannot tell.
         if month is not None and day >= 1 and hour <= 23:
@@ -144,11 +149,12 @@ class StampReader:
         return starts
 
 
-def parse_stamp(text, reference=None):
+def parse_stamp(text: str, reference: float | None = None) -> float | None:
     """Epoch seconds of a stamp at the start of `text`, or None if there is none."""
     if reference is None:
         reader = StampReader()
     else:
-        reader = StampReader(now=lambda: reference)
+        at = reference
+        reader = StampReader(now=lambda: at)
     found = reader.read(text)
     return None if found is None else found[0]
