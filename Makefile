@@ -11,9 +11,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	SENDER_FILTER_PURE=1 $(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
-# The mail-log parser compiled by mypyc (setup.py) beside its sources, and
-# again whenever one of them changes: a stale build would shadow the edit.
-$(VENV)/.compiled: $(VENV)/.installed setup.py $(wildcard appliance/sources/*.py)
+# The mail-log parser and the profiler compiled by mypyc (setup.py) beside
+# their sources, and again whenever one of them changes: a stale build would
+# shadow the edit.
+$(VENV)/.compiled: $(VENV)/.installed setup.py appliance/profiler.py $(wildcard appliance/sources/*.py)
 	$(PY) setup.py --quiet build_ext --inplace --force
 	touch $@
 
@@ -47,4 +48,4 @@ test: system-packages $(VENV)/.compiled lint
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
-	rm -f appliance/sources/*.so
+	rm -f appliance/*.so appliance/sources/*.so

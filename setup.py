@@ -1,11 +1,12 @@
-"""Compile the mail-log hot path with mypyc where a C compiler is at hand.
+"""Compile the ingest hot path with mypyc where a C compiler is at hand.
 
-Everything else about the package is in pyproject.toml. The modules below
-are plain Python that mypyc compiles to C extensions (one shared library,
-`appliance/sources/hot__mypyc`, and a small module per source file). When
-mypyc or a working compiler with Python's headers (Debian: gcc,
-python3-dev) is missing, or SENDER_FILTER_PURE=1 is set, the package installs
-as pure Python, which reads the same.
+Everything else about the package is in pyproject.toml. The modules below,
+the mail-log parser and the profiler it feeds, are plain Python that mypyc
+compiles to C extensions (one shared library, `appliance/hot__mypyc`, and a
+small module per source file). When mypyc or a working compiler with
+Python's headers (Debian: gcc, python3-dev) is missing, or
+SENDER_FILTER_PURE=1 is set, the package installs as pure Python, which
+reads the same.
 """
 
 import os
@@ -14,9 +15,15 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
+# the mail-log parser, then the profiler that counts its events
 HOT_PATH = [
-    f"appliance/sources/{name}.py"
-    for name in ("correlate", "timestamps", "postfix", "logline", "scanners", "maillog")
+    "appliance/sources/correlate.py",
+    "appliance/sources/timestamps.py",
+    "appliance/sources/postfix.py",
+    "appliance/sources/logline.py",
+    "appliance/sources/scanners.py",
+    "appliance/sources/maillog.py",
+    "appliance/profiler.py",
 ]
 
 
@@ -46,7 +53,7 @@ def compiled():
     except ImportError:
         print("mypyc not installed: installing pure Python", file=sys.stderr)
         return []
-    return mypycify(HOT_PATH, opt_level="3", group_name="appliance.sources.hot")
+    return mypycify(HOT_PATH, opt_level="3", group_name="appliance.hot")
 
 
 setup(ext_modules=compiled(), cmdclass={"build_ext": OptionalBuildExt})

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 BATCH_LINES = 5000
 CATCH_UP_LINES = 50000
 PART_LINES = 4000
+PIPE_BYTES = 1 << 20
 FILES_READ = "files-read:"
 
 
@@ -257,6 +258,7 @@ class ReadAhead:
     def __init__(self, source, limit=CATCH_UP_LINES, part=PART_LINES):
         context = multiprocessing.get_context("fork")
         self.receiving, sending = context.Pipe(duplex=False)
+        _widen(sending)
         self.child = context.Process(
             target=_decode_ahead, args=(source, sending, limit, part), daemon=True
         )
@@ -296,6 +298,19 @@ class ReadAhead:
         if self.child.is_alive():
             self.child.terminate()
         self.child.join()
+
+
+def _widen(sending):
+    """Let the pipe hold several parts, so the child reads on while the parent commits.
+
+    A part is larger than a pipe's default 64 KiB: the child would wait for
+    the parent at every batch's commit. A system that refuses the size
+    (fs.pipe-max-size, per-user limits) keeps the default, only slower.
+    """
+    try:
+        fcntl.fcntl(sending.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError as exc:
+        log.debug("pipe to the reading process left at its default size: %s", exc)
 
 
 def _decode_ahead(source, sending, limit, part):

@@ -6,8 +6,13 @@ yesterday's log gives the decisions that following it live would have.
 
 import json
 import logging
+import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import fields
+from ipaddress import IPv4Network
+from ipaddress import IPv6Network
+from typing import Final
 
 from peewee import fn
 
@@ -16,6 +21,8 @@ from appliance import evidence
 from appliance import service
 from appliance.blockindex import BlockIndex
 from appliance.config import THREAT_TYPES
+from appliance.config import Settings
+from appliance.events import MailEvent
 from appliance.models import Rule
 from appliance.models import SuspiciousEntry
 from appliance.models import WindowBatch
@@ -24,15 +31,17 @@ from appliance.models import insert_statement
 
 log = logging.getLogger(__name__)
 
-NUMBER = {threat_type: n for n, threat_type in enumerate(THREAT_TYPES)}
-BIT = {threat_type: 1 << n for n, threat_type in enumerate(THREAT_TYPES)}
+NUMBER: Final = {threat_type: n for n, threat_type in enumerate(THREAT_TYPES)}
+BIT: Final = {threat_type: 1 << n for n, threat_type in enumerate(THREAT_TYPES)}
 # the threat type numbers a violation mask names, for every mask
-TYPES_IN = [
+TYPES_IN: Final = [
     tuple(n for n in range(len(THREAT_TYPES)) if mask >> n & 1)
     for mask in range(1 << len(THREAT_TYPES))
 ]
-SWEEP_EVERY = 60.0
-SENDER_CACHE = 500_000
+SWEEP_EVERY: Final = 60.0
+SENDER_CACHE: Final = 500_000
+# the network a sender is counted and blocked as
+Network = IPv4Network | IPv6Network
 
 
 class WindowGroups:
@@ -43,13 +52,14 @@ class WindowGroups:
     histories catch up on when next used.
     """
 
-    def __init__(self, windows):
-        self.groups = [(None, list(range(len(THREAT_TYPES))))]
+    def __init__(self, windows: dict[str, int]) -> None:
+        # before the first split, one group of every type (its window unused)
+        self.groups: list[tuple[int, list[int]]] = [(0, list(range(len(THREAT_TYPES))))]
         self.sweeps = 0
         self.swept_to = 0.0
         self.split(windows)
 
-    def split(self, windows):
+    def split(self, windows: dict[str, int]) -> list[int]:
         """Take new windows; returns, per new group, the old group it comes from.
 
         A group whose types now have different windows splits; groups never
@@ -57,7 +67,7 @@ class WindowGroups:
         """
         self.windows = dict(windows)
         self.longest = max(self.windows.values())
-        groups = {}
+        groups: dict[tuple[int, int], list[int]] = {}
         for parent, (_window, numbers) in enumerate(self.groups):
             for number in numbers:
                 window = self.windows[THREAT_TYPES[number]]
@@ -70,19 +80,19 @@ class WindowGroups:
         }
         return [parent for parent, _window in groups]
 
-    def sweep(self, now):
+    def sweep(self, now: float) -> None:
         """Record a sweep to event time `now`."""
         self.sweeps += 1
         self.swept_to = now
 
 
 # a history's counts for one window group: STRIDE numbers, at these offsets
-HEAD = 0  # index in the history's events of the oldest one the group counts
-MESSAGES = 1
-RECIPIENTS = 2
-UNKNOWN = 3
-VIOLATIONS = 4  # then one count per threat type, in THREAT_TYPES order
-STRIDE = VIOLATIONS + len(THREAT_TYPES)
+HEAD: Final = 0  # index in the history's events of the oldest one the group counts
+MESSAGES: Final = 1
+RECIPIENTS: Final = 2
+UNKNOWN: Final = 3
+VIOLATIONS: Final = 4  # then one count per threat type, in THREAT_TYPES order
+STRIDE: Final = VIOLATIONS + len(THREAT_TYPES)
 
 
 class SenderHistory:
@@ -95,14 +105,16 @@ class SenderHistory:
 
     __slots__ = ("events", "counts", "window_groups", "sweeps", "latest")
 
-    def __init__(self, window_groups):
-        self.events = []
+    def __init__(self, window_groups: WindowGroups) -> None:
+        self.events: list[tuple[float, int, int, int, int]] = []
         self.counts = [0] * (STRIDE * len(window_groups.groups))
         self.window_groups = window_groups
         self.sweeps = window_groups.sweeps
         self.latest = float("-inf")
 
-    def add(self, ts, message, mask, recipients, unknown):
+    def add(
+        self, ts: float, message: int, mask: int, recipients: int, unknown: int
+    ) -> None:
         """Count one event in every window group, then drop what fell out."""
         if self.sweeps != self.window_groups.sweeps:
             self.catch_up()
@@ -128,7 +140,7 @@ class SenderHistory:
         if trimmed:
             self._compact()
 
-    def _trim(self, at, oldest):
+    def _trim(self, at: int, oldest: float) -> None:
         """Drop from the group at `at` the events at or before `oldest`."""
         counts = self.counts
         events = self.events
@@ -146,7 +158,7 @@ class SenderHistory:
             head += 1
         counts[at + HEAD] = head
 
-    def _compact(self):
+    def _compact(self) -> None:
         """Forget events no window needs any more, once they are half the list."""
         counts = self.counts
         first = min(counts[HEAD::STRIDE])
@@ -155,7 +167,7 @@ class SenderHistory:
             for at in range(HEAD, len(counts), STRIDE):
                 counts[at] -= first
 
-    def catch_up(self):
+    def catch_up(self) -> None:
         """Apply the sweeps made since this history was last used.
 
         No event was added since, so the last sweep's time alone drops what
@@ -167,7 +179,7 @@ class SenderHistory:
         self._compact()
         self.sweeps = self.window_groups.sweeps
 
-    def is_empty(self):
+    def is_empty(self) -> bool:
         """Whether no window holds any event (after catching up on sweeps)."""
         window_groups = self.window_groups
         # every event is older than the longest window: no need to drop them
@@ -177,14 +189,14 @@ class SenderHistory:
             self.catch_up()
         return min(self.counts[HEAD::STRIDE]) >= len(self.events)
 
-    def regroup(self, parents):
+    def regroup(self, parents: list[int]) -> None:
         """Follow a split of the window groups: each new group copies its parent."""
-        counts = []
+        counts: list[int] = []
         for parent in parents:
             counts += self.counts[parent * STRIDE : (parent + 1) * STRIDE]
         self.counts = counts
 
-    def window_sums(self, threat_type):
+    def window_sums(self, threat_type: str) -> list[int]:
         """[messages, violations, recipients, unknown] in one type's window."""
         if self.sweeps != self.window_groups.sweeps:
             self.catch_up()
@@ -197,7 +209,7 @@ class SenderHistory:
             counts[at + UNKNOWN],
         ]
 
-    def crosses(self, rule):
+    def crosses(self, rule: "EnabledRule") -> bool:
         """Whether this sender's window sums cross an EnabledRule."""
         if self.sweeps != self.window_groups.sweeps:
             self.catch_up()
@@ -211,13 +223,13 @@ class SenderHistory:
             messages = violations
         if messages <= rule.messages or violations * 100.0 / messages <= rule.rate:
             return False
-        if rule.recipients is None:
+        if rule.recipients is None or rule.unknown is None:
             return True
         recipients, unknown = counts[at + RECIPIENTS], counts[at + UNKNOWN]
         return recipients > rule.recipients and unknown > rule.unknown
 
     @property
-    def sums(self):
+    def sums(self) -> dict[str, list[int]]:
         """Every type's window sums, by threat type."""
         return {t: self.window_sums(t) for t in THREAT_TYPES}
 
@@ -265,7 +277,7 @@ class EnabledRule:
     duration: int | None
 
     @classmethod
-    def of(cls, rule):
+    def of(cls, rule: Rule) -> "EnabledRule":
         """The copy of a Rule row."""
         dha = rule.threat_type == "dha"
         return cls(
@@ -289,41 +301,45 @@ class Profiler:
     the log the events being processed come from, for their evidence.
     """
 
-    def __init__(self, settings):
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.history = {}
-        self.episodes = {}
-        self.senders = {}
-        self.networks = {}
-        self.violation_forms = {}
+        self.history: dict[str, SenderHistory] = {}
+        self.episodes: dict[str, dict[str, Episode]] = {}
+        self.senders: dict[str, str] = {}
+        self.networks: dict[str, tuple[Network, str]] = {}
+        self.violation_forms: dict[tuple[str, ...], tuple[int, str]] = {}
         self.blocks = BlockIndex(addresses.parse_network)
-        self.known_covers = {}
-        self.pending_rows = []
+        self.known_covers: dict[str, tuple[float, float]] = {}
+        self.pending_rows: list[tuple[str, float, int, str, int, int]] = []
         # the latest violation per (episode, evidence slot): the others would
         # be overwritten in the same flush
-        self.pending_evidence = {}
-        self.source = None
-        self.dirty = {}
-        self.status_changed = {}
+        self.pending_evidence: dict[
+            tuple[int, int], tuple[Episode, int, MailEvent]
+        ] = {}
+        self.source: str | None = None
+        self.dirty: dict[int, Episode] = {}
+        self.status_changed: dict[int, Episode] = {}
         self.now = 0.0
         self.swept = 0.0
         self.blocks_made = 0
-        self.window_groups = None
-        self.reload_rules()
+        self._read_rules()
+        self.window_groups = WindowGroups(self.windows)
 
-    def reload_rules(self):
+    def reload_rules(self) -> None:
         """Read the rules from the database (the console may have changed them)."""
-        self.rules = {rule.threat_type: rule for rule in Rule.select()}
-        self.windows = {t: self.rules[t].window for t in THREAT_TYPES}
+        self._read_rules()
+        if self.window_groups.windows != self.windows:
+            self._change_windows()
+
+    def _read_rules(self) -> None:
+        """Copy the rule rows, their windows and the enabled rules."""
+        self.rules: dict[str, Rule] = {rule.threat_type: rule for rule in Rule.select()}
+        self.windows: dict[str, int] = {t: self.rules[t].window for t in THREAT_TYPES}
         self.enabled_rules = [
             EnabledRule.of(self.rules[t]) for t in THREAT_TYPES if self.rules[t].enabled
         ]
-        if self.window_groups is None:
-            self.window_groups = WindowGroups(self.windows)
-        elif self.window_groups.windows != self.windows:
-            self._change_windows()
 
-    def _change_windows(self):
+    def _change_windows(self) -> None:
         """New windows: histories first drop what the old ones would have."""
         for history in self.history.values():
             if history.sweeps != self.window_groups.sweeps:
@@ -332,7 +348,7 @@ class Profiler:
         for history in self.history.values():
             history.regroup(parents)
 
-    def load(self):
+    def load(self) -> None:
         """Rebuild windows and open episodes from the database after a start."""
         latest = WindowBatch.select(fn.MAX(WindowBatch.last_ts)).scalar() or 0.0
         self.now = latest
@@ -373,12 +389,12 @@ class Profiler:
             self.episodes.setdefault(episode.sender, {})[episode.threat_type] = episode
         self.refresh_blocks()
 
-    def refresh_blocks(self):
+    def refresh_blocks(self) -> None:
         """Take in blocks made or lifted by others (console, CLI, scheduler)."""
         self.blocks.refresh()
         self.known_covers.clear()
 
-    def _covered(self, sender, network, ts):
+    def _covered(self, sender: str, network: Network, ts: float) -> bool:
         """Whether a block is over all of a sender's network at event time `ts`.
 
         A blocked sender's every event asks again: the span of the block
@@ -394,7 +410,7 @@ class Profiler:
         self.known_covers[sender] = (created_at, until)
         return True
 
-    def _sender(self, ip):
+    def _sender(self, ip: str) -> str:
         """The sender an IP is counted as (its text), cached."""
         sender = self.senders.get(ip)
         if sender is None:
@@ -404,7 +420,7 @@ class Profiler:
             sender = self.senders[ip] = addresses.sender_text(network)
         return sender
 
-    def _network(self, sender, ip):
+    def _network(self, sender: str, ip: str) -> tuple[Network, str]:
         """(network, sort key) of a sender, cached for senders with episodes.
 
         Only these need them: kept for every sender, they would cost about
@@ -419,7 +435,7 @@ class Profiler:
             self.networks[sender] = known
         return known
 
-    def _history(self, sender):
+    def _history(self, sender: str) -> SenderHistory:
         """A sender's history, moved to the back as the most recently counted."""
         history = self.history.pop(sender, None)
         if history is None:
@@ -427,7 +443,7 @@ class Profiler:
         self.history[sender] = history
         return history
 
-    def _violation_form(self, violations):
+    def _violation_form(self, violations: tuple[str, ...]) -> tuple[int, str]:
         """(mask, stored text) of a violations tuple, cached: there are few."""
         key = tuple(violations)
         form = self.violation_forms.get(key)
@@ -435,7 +451,7 @@ class Profiler:
             form = self.violation_forms[key] = (_mask(key), ",".join(key))
         return form
 
-    def process(self, event):
+    def process(self, event: MailEvent) -> None:
         """Count one MailEvent and act on any rule it makes the sender cross."""
         ts, ip, message, violations, recipients, unknown, _line = event
         sender = self.senders.get(ip) or self._sender(ip)
@@ -467,7 +483,14 @@ class Profiler:
             if rule.threat_type in episodes and history.crosses(rule):
                 self._act(sender, ip, rule, history, ts)
 
-    def _update_episode(self, sender, ip, threat_type, episode, event):
+    def _update_episode(
+        self,
+        sender: str,
+        ip: str,
+        threat_type: str,
+        episode: Episode | None,
+        event: MailEvent,
+    ) -> None:
         """Open, extend or close the sender's episode of one threat type."""
         if (
             episode is not None
@@ -495,14 +518,16 @@ class Profiler:
         # its rate is worked out when it is written
         self.dirty[id(episode)] = episode
 
-    def _forget_episode(self, sender, threat_type):
+    def _forget_episode(self, sender: str, threat_type: str) -> None:
         """Drop a closed episode from the open ones."""
         episodes = self.episodes[sender]
         del episodes[threat_type]
         if not episodes:
             del self.episodes[sender]
 
-    def _open_episode(self, sender, ip, threat_type, ts):
+    def _open_episode(
+        self, sender: str, ip: str, threat_type: str, ts: float
+    ) -> Episode:
         """A new episode at a sender's first violation of a type."""
         network, key = self._network(sender, ip)
         episode = Episode(sender, key, threat_type, first_seen=ts, last_seen=ts)
@@ -513,7 +538,14 @@ class Profiler:
         self.episodes.setdefault(sender, {})[threat_type] = episode
         return episode
 
-    def _act(self, sender, ip, rule, history, ts):
+    def _act(
+        self,
+        sender: str,
+        ip: str,
+        rule: EnabledRule,
+        history: SenderHistory,
+        ts: float,
+    ) -> None:
         """Apply a crossed EnabledRule: monitor, or block unless already blocked."""
         network, _key = self._network(sender, ip)
         threat_type = rule.threat_type
@@ -559,7 +591,9 @@ class Profiler:
             if other in episodes:
                 self._set_status(episodes[other], "blocked", block.id)
 
-    def _set_status(self, episode, status, block_id=None):
+    def _set_status(
+        self, episode: Episode, status: str, block_id: int | None = None
+    ) -> None:
         """Change an episode's status (written at the next flush)."""
         episode.status = status
         if block_id is not None:
@@ -567,7 +601,7 @@ class Profiler:
         self.status_changed[id(episode)] = episode
         self.dirty[id(episode)] = episode
 
-    def flush(self):
+    def flush(self) -> None:
         """Write buffered window events, changed episodes and their evidence.
 
         Runs inside the caller's transaction, with the read position it goes with.
@@ -590,14 +624,14 @@ class Profiler:
         if self.now - self.swept >= SWEEP_EVERY:
             self._sweep()
 
-    def _write_episodes(self, cursor, param):
+    def _write_episodes(self, cursor: sqlite3.Cursor, param: str) -> None:
         """Insert new episodes, update counters, and write status changes.
 
         A row inserted now already holds its episode's counters and status:
         updating it again would rewrite every index of the table for nothing.
         """
         table = SuspiciousEntry._meta.table_name
-        inserted = set()
+        inserted: set[int] = set()
         counters = []
         for key, e in self.dirty.items():
             e.rate = round(e.violations * 100.0 / e.messages, 2)
@@ -626,7 +660,7 @@ class Profiler:
         self.dirty = {}
         self.status_changed = {}
 
-    def _sweep(self):
+    def _sweep(self) -> None:
         """Forget stored events and senders that every window has left behind.
 
         Histories catch up on the sweep when next used; only the least
@@ -645,14 +679,14 @@ class Profiler:
         self.swept = self.now
 
 
-def _insert(cursor, episode):
+def _insert(cursor: sqlite3.Cursor, episode: Episode) -> int | None:
     """Insert one new episode row; returns its id."""
     row = tuple(getattr(episode, column) for column in EPISODE_COLUMNS)
     cursor.execute(insert_statement(SuspiciousEntry, EPISODE_COLUMNS), row)
     return cursor.lastrowid
 
 
-def _mask(violations):
+def _mask(violations: Iterable[str]) -> int:
     """A bit mask of threat type names."""
     mask = 0
     for threat_type in violations:

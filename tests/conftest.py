@@ -12,13 +12,13 @@ from appliance import service
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "public"
 IN_CI = os.environ.get("CI") == "true"
-SOURCES = Path(__file__).resolve().parents[1] / "appliance" / "sources"
+APPLIANCE = Path(__file__).resolve().parents[1] / "appliance"
 
 
 def compiled_modules():
-    """(source, compiled file) of each mail-log module mypyc built beside its source."""
+    """(source, compiled file) of each module mypyc built beside its source."""
     pairs = []
-    for built in sorted(SOURCES.glob("*.so")):
+    for built in sorted([*APPLIANCE.glob("*.so"), *APPLIANCE.glob("sources/*.so")]):
         source = built.with_name(built.name.split(".")[0] + ".py")
         if source.exists():
             pairs.append((source, built))
@@ -26,7 +26,7 @@ def compiled_modules():
 
 
 def pytest_sessionstart(session):
-    """Stop at once when a compiled parser module is older than its source.
+    """Stop at once when a compiled module is older than its source.
 
     Python would import the stale build and the tests would check old code.
     """

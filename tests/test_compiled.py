@@ -1,29 +1,35 @@
-"""The mail-log parser runs as setup.py compiles it (mypyc), the speed SPEC §9 asks."""
+"""Ingest's parser and profiler run as setup.py compiles them (mypyc), for SPEC §9."""
 
 import importlib
 
+from tests.conftest import APPLIANCE
 from tests.conftest import compiled_modules
 from tests.conftest import require
 
 
-def test_the_parser_runs_compiled():
-    built = {source.stem: path for source, path in compiled_modules()}
+def test_the_parser_and_profiler_run_compiled():
+    built = {
+        ".".join(source.relative_to(APPLIANCE.parent).with_suffix("").parts): path
+        for source, path in compiled_modules()
+    }
     require(
-        "correlate" in built,
+        "appliance.sources.correlate" in built,
         "the mail-log parser is pure Python here: no C compiler or mypy "
         "(make system-packages, then make .venv/.compiled)",
     )
 
     for name, path in built.items():
-        module = importlib.import_module(f"appliance.sources.{name}")
+        module = importlib.import_module(name)
         # mypyc's modules name their file oddly (the package path twice): by name
         assert module.__file__.endswith(path.name)
-    # the hot path and the readers it hands lines to, as setup.py lists them
+    # the hot path, the readers it hands lines to and the profiler, as setup.py
+    # lists them
     assert set(built) == {
-        "correlate",
-        "timestamps",
-        "postfix",
-        "logline",
-        "scanners",
-        "maillog",
+        "appliance.sources.correlate",
+        "appliance.sources.timestamps",
+        "appliance.sources.postfix",
+        "appliance.sources.logline",
+        "appliance.sources.scanners",
+        "appliance.sources.maillog",
+        "appliance.profiler",
     }

@@ -3,6 +3,7 @@
 from appliance import service
 from appliance.events import MailEvent
 from appliance.models import Block
+from appliance.models import Rule
 from appliance.models import SuspiciousEntry
 from appliance.models import db
 from appliance.profiler import Profiler
@@ -201,3 +202,20 @@ def test_blocked_sender_not_blocked_twice_and_reblocked_after_expiry(make_settin
 
     created = [b.created_at for b in Block.select().order_by(Block.id)]
     assert created == [T0 + 600, T0 + 3600 + 600]
+
+
+def test_shortened_window_drops_older_events_of_its_type_only(make_settings):
+    profiler = Profiler(make_settings())
+    feed(
+        profiler,
+        [MailEvent(T0 + n * 100, "192.0.2.40", 1, ("spam",)) for n in range(10)],
+    )
+
+    Rule.update(window=600).where(Rule.threat_type == "spam").execute()
+    profiler.reload_rules()
+    feed(profiler, [MailEvent(T0 + 1000, "192.0.2.40", 1)])
+
+    sums = profiler.history["192.0.2.40"].sums
+    # spam counts from T0 + 500 on; the other types keep the hour
+    assert sums["spam"] == [6, 5, 0, 0]
+    assert sums["virus"] == [11, 0, 0, 0]

@@ -86,7 +86,7 @@ class LogLine:
     def __repr__(self) -> str:
         """A compact form for test failures and debug logs."""
         # FIELDS, not __slots__: a class compiled by mypyc has no __slots__
-        fields = (f"{name}={getattr(self, name)!r}" for name in FIELDS)
+        fields = [f"{name}={getattr(self, name)!r}" for name in FIELDS]
         return f"LogLine({', '.join(fields)})"
 
 

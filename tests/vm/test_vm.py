@@ -186,6 +186,17 @@ def test_services_run_unprivileged_with_only_their_capabilities(appliance):
     assert "-A INPUT -j SENDER_FILTER" in rules.splitlines()[1]
 
 
+def test_the_installed_parser_is_the_compiled_one(appliance):
+    machine = appliance["machine"]
+
+    found = machine.ssh(
+        "/opt/sender-filter/bin/python -c "
+        "'import appliance.sources.correlate as c; print(c.__file__)'"
+    )
+
+    assert found.stdout.strip().endswith(".so"), found.stdout
+
+
 def test_console_answers_over_https_and_logs_in(appliance, tmp_path):
     machine = appliance["machine"]
     certificate = tmp_path / "console.crt"
