@@ -260,7 +260,9 @@ class ReadAhead:
         self.receiving, sending = context.Pipe(duplex=False)
         _widen(sending)
         self.child = context.Process(
-            target=_decode_ahead, args=(source, sending, limit, part), daemon=True
+            target=_decode_ahead,
+            args=(source, self.receiving, sending, limit, part),
+            daemon=True,
         )
         self.child.start()
         sending.close()
@@ -313,8 +315,12 @@ def _widen(sending):
         log.debug("pipe to the reading process left at its default size: %s", exc)
 
 
-def _decode_ahead(source, sending, limit, part):
+def _decode_ahead(source, receiving, sending, limit, part):
     """The child's loop: read a batch, decode it in parts; the last has its snapshot."""
+    # the parent's end, inherited: kept open here, it would leave this process
+    # blocked on a full pipe for ever (holding the reader lock) once the
+    # parent is killed, where now its next send fails and it ends
+    receiving.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # the objects inherited from the parent stay as they are: the collector
     # need not walk them (nor copy their pages, shared until written)

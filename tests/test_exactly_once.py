@@ -229,12 +229,12 @@ def lines_counted(database, log_path):
     return rows[0][0] if rows else 0
 
 
-def wait_for(condition, seconds=WAIT):
-    """Poll until `condition()` holds; fail after `seconds`."""
+def wait_for(condition, seconds=WAIT, poll=0.05):
+    """Poll until `condition()` holds, every `poll` seconds; fail after `seconds`."""
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, f"still waiting after {seconds} s"
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 def generate(directory, rules):
