@@ -14,7 +14,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # The mail-log parser and the profiler compiled by mypyc (setup.py) beside
 # their sources, and again whenever one of them changes: a stale build would
 # shadow the edit.
+# A build that fails leaves pure Python, not the previous build.
 $(VENV)/.compiled: $(VENV)/.installed setup.py appliance/profiler.py $(wildcard appliance/sources/*.py)
+	rm -f appliance/*.so appliance/sources/*.so
 	$(PY) setup.py --quiet build_ext --inplace --force
 	touch $@
 

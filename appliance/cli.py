@@ -14,6 +14,7 @@ from appliance import kernelstatus
 from appliance import lists
 from appliance import models
 from appliance import service
+from appliance.queries import MATCH_CAP
 from appliance.queries import status_now
 from appliance.timefmt import format_duration
 from appliance.timefmt import iso
@@ -58,6 +59,12 @@ def main(argv=None):
         )
         return 2
     except KeyboardInterrupt:
+        if args.command == "ingest":
+            print(
+                "sender-filter ingest: interrupted; what was read before is counted, "
+                "run it again to go on",
+                file=sys.stderr,
+            )
         return 130
 
     if result is not None:
@@ -154,7 +161,12 @@ def build_parser():
     suspicious.add_argument("--ip", default="")
     suspicious.add_argument("--since", default="")
     suspicious.add_argument("--until", default="")
-    suspicious.add_argument("--limit", type=int, default=100)
+    suspicious.add_argument(
+        "--limit",
+        type=entry_limit,
+        default=100,
+        help=f"show at most this many entries, 1 to {MATCH_CAP} (default 100)",
+    )
     blocks = command("blocks", cmd_blocks, "active blocks")
     blocks.add_argument("--all", action="store_true", help="lifted ones too")
     block = command("block", cmd_block, "block an IP, a CIDR or a domain name")
@@ -285,8 +297,19 @@ def enforcement_lines(facts):
     return lines
 
 
+def entry_limit(text):
+    """--limit of `suspicious`: 1 to MATCH_CAP, as far as the console's pages reach."""
+    text = text.strip()
+    if text.isascii() and text.isdigit() and len(text) <= 9:
+        if 1 <= int(text) <= MATCH_CAP:
+            return int(text)
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a number of entries from 1 to {MATCH_CAP}"
+    )
+
+
 def cmd_suspicious(settings, args):
-    """The Suspicious IP log, newest first."""
+    """The Suspicious IP log, newest first; a last line says when more match."""
     from appliance.queries import SuspiciousQuery
     from appliance.queries import active_blocks_for
 
@@ -309,7 +332,20 @@ def cmd_suspicious(settings, args):
         f"{r['violations']:>5}/{r['messages']:<5} {r['rate']:>6.2f}%  {r['status']}"
         for r in rows
     )
+    if len(rows) == args.limit:
+        text += shown_of(len(rows), query.count())
     return rows, text or "no entries"
+
+
+def shown_of(shown, counted):
+    """The line under a listing cut at --limit: how many of how many are shown."""
+    total, more = counted
+    if total <= shown and not more:
+        return ""
+    of = f"{total:,}+" if more else f"{total:,}"
+    if shown < MATCH_CAP:
+        return f"\n{shown:,} of {of} shown; --limit to see more"
+    return f"\n{shown:,} of {of} shown; narrow with --type, --ip, --since or --until"
 
 
 def entry_json(entry, block):

@@ -34,7 +34,7 @@ from appliance.sources.follow import rotation_of
 log = logging.getLogger(__name__)
 
 BATCH_LINES = 5000
-CATCH_UP_LINES = 50000
+CATCH_UP_LINES = 20000
 PART_LINES = 4000
 PIPE_BYTES = 1 << 20
 FILES_READ = "files-read:"
@@ -42,6 +42,13 @@ FILES_READ = "files-read:"
 
 class LogsBusy(OSError):
     """Another process is reading logs into the same database."""
+
+
+class ReadingFailed(OSError):
+    """The process reading ahead stopped: what was committed before is kept."""
+
+    def __str__(self):
+        return f"{super().__str__()}; what was read before is counted, run it again"
 
 
 class ReaderLock:
@@ -289,9 +296,9 @@ class ReadAhead:
         try:
             message = self.receiving.recv()
         except EOFError:
-            raise RuntimeError("the log reading process died") from None
+            raise ReadingFailed("the log reading process died") from None
         if isinstance(message, str):
-            raise RuntimeError(f"reading the log failed: {message}")
+            raise ReadingFailed(f"reading the log failed: {message}")
         return message
 
     def close(self):

@@ -51,6 +51,9 @@ MATCH_CAP = 10_000
 LOOKUP_COST = 25
 # columns of a few values: a second sort column walks its index once per value
 FEW_VALUES = ("type", "status")
+# senders looked up in one query for their blocks: SQLite nests each OR'd
+# term one level deeper (1,000 levels at most) and binds three values a term
+SENDERS_PER_QUERY = 250
 
 
 @dataclass(frozen=True)
@@ -366,7 +369,8 @@ def active_blocks_for(rows, widest_v4=16, widest_v6=32, now=None):
 
     A block may not be wider than the widest-range settings, so the search for
     one covering a sender only looks at blocks starting in that wider range.
-    One query asks for every sender of the page at once.
+    One query asks for up to SENDERS_PER_QUERY senders at once (a console
+    page in one); more senders take one query per that many.
     """
     now = time.time() if now is None else now
     widest = {4: widest_v4, 6: widest_v6}
@@ -374,13 +378,22 @@ def active_blocks_for(rows, widest_v4=16, widest_v6=32, now=None):
     for entry in rows:
         if entry.sender not in ranges:
             ranges[entry.sender] = _search_keys(entry.sender, widest)
-    wanted = [keys for keys in ranges.values() if keys is not None]
-    if not wanted:
-        return {}
+    wanted = [(sender, keys) for sender, keys in ranges.items() if keys is not None]
 
+    by_sender = {}
+    for start in range(0, len(wanted), SENDERS_PER_QUERY):
+        chunk = dict(wanted[start : start + SENDERS_PER_QUERY])
+        by_sender.update(_covering_blocks(chunk, now))
+    return {
+        entry.id: by_sender[entry.sender] for entry in rows if entry.sender in by_sender
+    }
+
+
+def _covering_blocks(ranges, now):
+    """{sender: the narrowest block in force over it} for (floor, first, last) keys."""
     near = [
         Block.key_first.between(floor, first) & (Block.key_last >= last)
-        for floor, first, last in wanted
+        for floor, first, last in ranges.values()
     ]
     candidates = Block.select().where(
         # the key ranges are the narrow part: keep SQLite on their index
@@ -390,23 +403,19 @@ def active_blocks_for(rows, widest_v4=16, widest_v6=32, now=None):
     )
     candidates = sorted(candidates, key=lambda block: block.key_first, reverse=True)
 
-    by_sender = {}
-    for sender, keys in ranges.items():
-        if keys is not None:
-            floor, first, last = keys
-            by_sender[sender] = next(
-                (
-                    block
-                    for block in candidates
-                    if floor <= block.key_first <= first and block.key_last >= last
-                ),
-                None,
-            )
-    return {
-        entry.id: by_sender[entry.sender]
-        for entry in rows
-        if by_sender.get(entry.sender) is not None
-    }
+    found = {}
+    for sender, (floor, first, last) in ranges.items():
+        block = next(
+            (
+                block
+                for block in candidates
+                if floor <= block.key_first <= first and block.key_last >= last
+            ),
+            None,
+        )
+        if block is not None:
+            found[sender] = block
+    return found
 
 
 def status_now(entry, block):

@@ -8,9 +8,12 @@ import time
 import pytest
 from dnsserver import DeadResolver
 from dnsserver import Dnsmasq
+from test_web import add_entry
 
 from appliance import addresses
 from appliance import cli
+from appliance import models
+from appliance import queries
 from appliance.models import ApprovedHost
 from appliance.models import AuditEntry
 from appliance.models import Block
@@ -198,13 +201,68 @@ def test_options_may_come_before_the_subcommand(tmp_path, capsys):
     }
 
 
-def test_usage_errors_are_one_line(run, capsys):
+@pytest.mark.parametrize("limit", ["abc", "0", "-1", "10001", "99999999999999999999"])
+def test_usage_errors_are_one_line(run, capsys, limit):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["suspicious", "--limit", "abc"])
+        cli.main(["suspicious", "--limit", limit])
 
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "invalid int value: 'abc'" in err
+    assert capsys.readouterr().err == (
+        "sender-filter suspicious: argument --limit: "
+        f"{limit!r} is not a number of entries from 1 to 10000 (see --help)\n"
+    )
+
+
+@pytest.fixture
+def many_senders(run):
+    """1,300 IPv6 senders in the log, newest last; 256 of them under a block."""
+    senders = [f"2001:db8:0:{n:x}::/64" for n in range(1300)]
+    with models.db.atomic():
+        for n, sender in enumerate(senders):
+            add_entry(sender, last_seen=1_780_000_000.0 + n)
+    assert run("block", "2001:db8:0:100::/56", "--permanent")[0] == 0
+    return senders
+
+
+def test_suspicious_lists_more_senders_than_one_block_query_may_name(run, many_senders):
+    # the review's case: 1,150 senders or more crashed with a traceback
+    status, out, err = run("suspicious", "--limit", "5000", "--json")
+
+    rows = json.loads(out)
+    assert (status, err) == (0, "")
+    assert [row["ip"] for row in rows] == many_senders[::-1]
+    blocked = [row["ip"] for row in rows if row["status"] == "blocked"]
+    assert blocked == many_senders[0x100:0x200][::-1]
+
+
+def test_suspicious_says_when_more_entries_match_than_shown(run, many_senders):
+    _, default, _ = run("suspicious")
+    _, some, _ = run("suspicious", "--limit", "7")
+    _, every, _ = run("suspicious", "--limit", "1300")
+    _, as_json, _ = run("suspicious", "--json")
+
+    assert default.splitlines()[-1] == "100 of 1,300 shown; --limit to see more"
+    assert len(default.splitlines()) == 101
+    assert some.splitlines()[-1] == "7 of 1,300 shown; --limit to see more"
+    assert len(every.splitlines()) == 1300
+    assert every.splitlines()[-1].split()[2] == many_senders[0]
+    assert len(json.loads(as_json)) == 100
+
+
+def test_suspicious_past_what_the_limit_reaches_asks_to_narrow(
+    run, many_senders, monkeypatch
+):
+    monkeypatch.setattr(cli, "MATCH_CAP", 1000)
+    monkeypatch.setattr(queries, "MATCH_CAP", 1000)
+
+    _, every, _ = run("suspicious", "--limit", "1000")
+    _, spam, _ = run("suspicious", "--limit", "1000", "--type", "spam")
+    _, some, _ = run("suspicious", "--limit", "10", "--type", "spam")
+
+    narrow = "narrow with --type, --ip, --since or --until"
+    assert every.splitlines()[-1] == f"1,000 of 1,300 shown; {narrow}"
+    assert spam.splitlines()[-1] == f"1,000 of 1,000+ shown; {narrow}"
+    assert some.splitlines()[-1] == "10 of 1,000+ shown; --limit to see more"
 
 
 def test_suspicious_shows_the_status_as_of_now(run):

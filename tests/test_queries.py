@@ -13,6 +13,7 @@ from test_web import make_app
 from appliance import addresses
 from appliance import models
 from appliance import queries
+from appliance import service
 from appliance.models import SuspiciousEntry
 from appliance.queries import SuspiciousQuery
 
@@ -170,6 +171,39 @@ def test_indexes_an_older_version_made_are_dropped(settings):
     names = {index.name for index in models.db.get_indexes("suspiciousentry")}
     assert "suspiciousentry_rate" not in names
     assert "suspiciousentry_violations_last_seen_id_first_seen_threa_eca98c9" in names
+
+
+def test_blocks_are_found_for_more_senders_than_one_query_may_name(
+    settings, monkeypatch
+):
+    # the review's case: 1,150 senders or more crashed the one OR'd query
+    senders = [f"2001:db8:0:{n:x}::/64" for n in range(1300)]
+    with models.db.atomic():
+        logged = [add_entry(sender) for sender in senders]
+    wide = service.block("2001:db8:0:100::/56", duration=None, actor="test")
+    last = service.block(senders[-1], duration=3600, actor="test")
+    service.block(senders[-2], duration=3600, actor="test")
+    service.unblock(senders[-2], actor="test")
+    statements = []
+    execute = models.db.obj.execute_sql
+
+    def counted(sql, *args, **kwargs):
+        statements.append(sql)
+        return execute(sql, *args, **kwargs)
+
+    monkeypatch.setattr(models.db.obj, "execute_sql", counted)
+    found = queries.active_blocks_for(logged)
+    page = queries.active_blocks_for(logged[250:350])
+
+    assert {entry_id: block.id for entry_id, block in found.items()} == {
+        **{entry.id: wide.id for entry in logged[0x100:0x200]},
+        logged[-1].id: last.id,
+    }
+    assert {entry_id: block.id for entry_id, block in page.items()} == {
+        entry.id: wide.id for entry in logged[0x100:350]
+    }
+    # 1,300 senders in six queries of at most 250; a console page in one
+    assert len(statements) == 6 + 1
 
 
 def test_page_query_walks_the_sort_index(entries):

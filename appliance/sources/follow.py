@@ -5,6 +5,10 @@ bytes (up to HEAD_BYTES, never past what was read) and the offset read so
 far. So `mail.log` renamed to `mail.log.1`, copied there before a truncation,
 or compressed to `mail.log.2.gz` is recognised and read on from that offset,
 never again from its start. Offsets in a `.gz` file count decompressed bytes.
+
+A damaged `.gz` is read up to the damage and left with a warning; a line
+longer than LINE_BYTES is passed over, handed out as one stand-in line that
+no decoder understands.
 """
 
 import gzip
@@ -21,8 +25,13 @@ log = logging.getLogger(__name__)
 
 HEAD_BYTES = 256
 READ_BYTES = 1 << 20
+# the longest line read; no smaller than READ_BYTES, so a line within one
+# chunk is never too long and a longer one is always seen across chunks
+LINE_BYTES = 1 << 20
+LONG_LINE = f"(a line longer than {LINE_BYTES} bytes, passed over)"
 KNOWN_FILES = 1000
-GZIP_BUFFER = 1 << 20
+# what reading a damaged `.gz` raises (gzip.BadGzipFile is an OSError)
+DAMAGE = (EOFError, OSError, zlib.error)
 ROTATION_GRACE = 0.5
 ROTATED_NAME = re.compile(
     r"(?P<base>.+?)(?:\.(?P<number>\d+)|-(?P<date>\d{8}))?(?P<gz>\.gz)?"
@@ -83,14 +92,15 @@ class OpenedLog:
         self.compressed = path.endswith(".gz")
         self.stream = self.raw
         if self.compressed:
-            content = gzip.GzipFile(fileobj=self.raw)
-            self.stream = io.BufferedReader(content, buffer_size=GZIP_BUFFER)
+            self.stream = gzip.GzipFile(fileobj=self.raw)
         self.live = live
         self.settled = self.compressed
         self.offset = 0
         self.consumed = 0
         self.seen = b""
         self.held = b""
+        self.passing = 0
+        self.damage = ""
         self.heads = {}
 
     def first_bytes(self, length):
@@ -123,9 +133,10 @@ class OpenedLog:
         if not self.compressed:
             offset = min(offset, self.size())
         if offset:
-            self.stream.seek(offset)
+            self._content(self.stream.seek, offset)
         self.offset = self.stream.tell()
         self.held = b""
+        self.passing = 0
         self.seen = self.first_bytes(min(HEAD_BYTES, self.offset))
 
     def head(self):
@@ -163,29 +174,43 @@ class OpenedLog:
 
         A line still being written is left for the next read (kept, not
         counted in `offset`), unless `final`: the file is done with, and an
-        unterminated last line is taken as it is. A `.gz` file is complete.
+        unterminated last line is taken as it is. A `.gz` file is complete,
+        up to its damage if it is damaged (a line torn there is not taken).
         Bytes are read in chunks and held back past the last line handed
-        out, so reading never seeks back (costly in a `.gz` file).
+        out, so reading never seeks back (costly in a `.gz` file). A line
+        longer than LINE_BYTES ends the lines handed out before it; the next
+        read passes over it.
         """
-        whole = final or self.compressed
+        if self.passing:
+            return self._pass_long_line(final)
         chunks = [self.held]
         newlines = self.held.count(b"\n")
+        unended = len(self.held) - 1 - self.held.rfind(b"\n")
         while newlines < limit:
-            more = self.stream.read(READ_BYTES)
+            more = self._more()
             if not more:
                 break
+            first_end = more.find(b"\n")
+            if unended + (len(more) if first_end < 0 else first_end) > LINE_BYTES:
+                # the bytes of the long line read so far are let go of
+                self.passing = unended
+                break
             chunks.append(more)
-            newlines += more.count(b"\n")
+            if first_end < 0:
+                unended += len(more)
+            else:
+                newlines += more.count(b"\n")
+                unended = len(more) - 1 - more.rfind(b"\n")
         data = b"".join(chunks)
         if newlines >= limit:
             taken = _end_of_line(data, limit, newlines)
-        elif whole:
-            taken = len(data)
+        elif self.passing or not self._whole(final):
+            taken = len(data) - unended
         else:
-            taken = data.rfind(b"\n") + 1
-        self.held = data[taken:]
+            taken = len(data)
+        self.held = more if self.passing else data[taken:]
         if not taken:
-            return []
+            return self._pass_long_line(final) if self.passing else []
         if len(self.seen) < HEAD_BYTES:
             self.seen += data[: min(taken, HEAD_BYTES - len(self.seen))]
         self.offset += taken
@@ -197,6 +222,60 @@ class OpenedLog:
         if text.endswith("\n"):
             lines.pop()
         return lines
+
+    def _pass_long_line(self, final):
+        """Read past the line longer than LINE_BYTES at `offset`, holding none of it.
+
+        It is handed out as one stand-in line, LONG_LINE, which no decoder
+        understands: counted once as a line not understood. [] while its end
+        is still to be written.
+        """
+        more, self.held = self.held, b""
+        while (end := more.find(b"\n")) < 0 and more:
+            self.passing += len(more)
+            more = self._more()
+        if end < 0 and not self._whole(final):
+            return []
+        length = self.passing + end + 1
+        self.held = more[end + 1 :]
+        self.passing = 0
+        log.warning(
+            "%s: the line at byte %d is %d bytes long, over %d; "
+            "counted as a line not understood",
+            self.path,
+            self.offset,
+            length,
+            LINE_BYTES,
+        )
+        self.offset += length
+        self.consumed += length
+        if len(self.seen) < HEAD_BYTES:
+            self.seen = self.first_bytes(min(HEAD_BYTES, self.offset))
+        return [LONG_LINE]
+
+    def _whole(self, final):
+        """Whether the content read is complete: an unterminated last line is taken."""
+        return (final or self.compressed) and not self.damage
+
+    def _more(self):
+        """The next chunk of the content; b"" at its end or where a `.gz` is damaged.
+
+        A `.gz` is read a decompressed block at a time (read1): a read of
+        more would lose the bytes it had when it meets the damage.
+        """
+        if not self.compressed:
+            return self.stream.read(READ_BYTES)
+        return self._content(self.stream.read1, READ_BYTES)
+
+    def _content(self, action, *args):
+        """`action(*args)` on a `.gz`'s content; b"" once it meets damage (kept)."""
+        if self.damage:
+            return b""
+        try:
+            return action(*args)
+        except DAMAGE as exc:
+            self.damage = str(exc) or type(exc).__name__
+            return b""
 
     def close(self):
         """Close the file."""
