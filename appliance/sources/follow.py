@@ -99,7 +99,8 @@ class OpenedLog:
         self.consumed = 0
         self.seen = b""
         self.held = b""
-        self.passing = 0
+        # bytes of a line too long passed over so far; None outside one
+        self.passing = None
         self.damage = ""
         self.heads = {}
 
@@ -113,7 +114,7 @@ class OpenedLog:
             start = os.pread(self.raw.fileno(), 65536, 0)
             try:
                 head = gzip.GzipFile(fileobj=io.BytesIO(start)).read(length)
-            except (OSError, EOFError, zlib.error):
+            except DAMAGE:
                 head = b""
         else:
             head = os.pread(self.raw.fileno(), length, 0)
@@ -134,9 +135,10 @@ class OpenedLog:
             offset = min(offset, self.size())
         if offset:
             self._content(self.stream.seek, offset)
-        self.offset = self.stream.tell()
+        # a `.gz` damaged before `offset` stays read to there: nothing more is read
+        self.offset = offset if self.damage else self.stream.tell()
         self.held = b""
-        self.passing = 0
+        self.passing = None
         self.seen = self.first_bytes(min(HEAD_BYTES, self.offset))
 
     def head(self):
@@ -181,7 +183,7 @@ class OpenedLog:
         longer than LINE_BYTES ends the lines handed out before it; the next
         read passes over it.
         """
-        if self.passing:
+        if self.passing is not None:
             return self._pass_long_line(final)
         chunks = [self.held]
         newlines = self.held.count(b"\n")
@@ -204,13 +206,13 @@ class OpenedLog:
         data = b"".join(chunks)
         if newlines >= limit:
             taken = _end_of_line(data, limit, newlines)
-        elif self.passing or not self._whole(final):
+        elif self.passing is not None or not self._whole(final):
             taken = len(data) - unended
         else:
             taken = len(data)
-        self.held = more if self.passing else data[taken:]
+        self.held = data[taken:] if self.passing is None else more
         if not taken:
-            return self._pass_long_line(final) if self.passing else []
+            return [] if self.passing is None else self._pass_long_line(final)
         if len(self.seen) < HEAD_BYTES:
             self.seen += data[: min(taken, HEAD_BYTES - len(self.seen))]
         self.offset += taken
@@ -230,7 +232,8 @@ class OpenedLog:
         understands: counted once as a line not understood. [] while its end
         is still to be written.
         """
-        more, self.held = self.held, b""
+        more = self.held or self._more()
+        self.held = b""
         while (end := more.find(b"\n")) < 0 and more:
             self.passing += len(more)
             more = self._more()
@@ -238,7 +241,7 @@ class OpenedLog:
             return []
         length = self.passing + end + 1
         self.held = more[end + 1 :]
-        self.passing = 0
+        self.passing = None
         log.warning(
             "%s: the line at byte %d is %d bytes long, over %d; "
             "counted as a line not understood",
@@ -263,12 +266,13 @@ class OpenedLog:
         A `.gz` is read a decompressed block at a time (read1): a read of
         more would lose the bytes it had when it meets the damage.
         """
-        if not self.compressed:
-            return self.stream.read(READ_BYTES)
-        return self._content(self.stream.read1, READ_BYTES)
+        read = self.stream.read1 if self.compressed else self.stream.read
+        return self._content(read, READ_BYTES)
 
     def _content(self, action, *args):
-        """`action(*args)` on a `.gz`'s content; b"" once it meets damage (kept)."""
+        """`action(*args)` on the content; b"" once a `.gz` met damage (kept)."""
+        if not self.compressed:
+            return action(*args)
         if self.damage:
             return b""
         try:
@@ -505,6 +509,9 @@ class LogFile:
     def _leave(self):
         """Done with the current file: remember it, and queue the ones rotated after.
 
+        A damaged `.gz` is remembered as read up to its damage: read again,
+        it gives nothing more (and is reported again).
+
         The file we leave may have been rotated again since (mail.log.1 is
         mail.log.2 now): the rotated files newer than it come before the path.
         """
@@ -512,6 +519,13 @@ class LogFile:
         head = current.head()
         if head:
             self._remember(head, current.offset)
+        if current.damage:
+            log.warning(
+                "%s is damaged (%s): read up to byte %d of its content, the rest left",
+                current.path,
+                current.damage,
+                current.offset,
+            )
         self._close_current()
         if self.following and not self.pending:
             rotated, index = self._find_rotated(current.identity, head)
