@@ -34,7 +34,7 @@ from appliance.sources.follow import rotation_of
 log = logging.getLogger(__name__)
 
 BATCH_LINES = 5000
-CATCH_UP_LINES = 20000
+CATCH_UP_LINES = 10000
 PART_LINES = 4000
 PIPE_BYTES = 1 << 20
 FILES_READ = "files-read:"
