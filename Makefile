@@ -14,11 +14,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # The mail-log parser and the profiler compiled by mypyc (setup.py) beside
 # their sources, and again whenever one of them changes: a stale build would
 # shadow the edit.
-# A build that fails leaves pure Python, not the previous build.
+# A build that fails leaves pure Python, not the previous build, and is
+# tried again at the next make (once gcc and python3-dev are there).
 $(VENV)/.compiled: $(VENV)/.installed setup.py appliance/profiler.py $(wildcard appliance/sources/*.py)
 	rm -f appliance/*.so appliance/sources/*.so
 	$(PY) setup.py --quiet build_ext --inplace --force
-	touch $@
+	if ls appliance/sources/correlate.*.so >/dev/null 2>&1; then touch $@; \
+	else echo "ingest runs as pure Python: the build is tried again at the next make"; fi
 
 # As root, install the Debian packages the appliance and its tests drive.
 # The tests run their own Postfix instances; the system one stays unconfigured.

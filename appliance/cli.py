@@ -239,9 +239,10 @@ def cmd_ingest(settings, args):
     summary = read_files(settings, args.files, progress=sys.stderr.isatty())
     lifted = service.expire_due()
     summary["expired_blocks"] = len(lifted)
+    files = sum(len(source["files"]) for source in summary["sources"])
     text = (
         f"{summary['lines']} lines read ({summary['skipped']} not understood) "
-        f"from {sum(len(s['files']) for s in summary['sources'])} files, "
+        f"from {files} file{'' if files == 1 else 's'}, "
         f"{summary['blocks']} blocks made, {summary['entries']} suspicious entries"
     )
     return summary, text

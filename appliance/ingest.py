@@ -38,6 +38,16 @@ CATCH_UP_LINES = 10000
 PART_LINES = 4000
 PIPE_BYTES = 1 << 20
 FILES_READ = "files-read:"
+# compressed logs read as text would count as garbage: refused by name
+OTHER_COMPRESSIONS = {
+    ".xz": "xz",
+    ".lzma": "lzma",
+    ".bz2": "bzip2",
+    ".zst": "zstd",
+    ".lz4": "lz4",
+    ".z": "compress",
+    ".zip": "zip",
+}
 
 
 class LogsBusy(OSError):
@@ -412,6 +422,12 @@ def read_files(settings, paths, progress=False):
     for path in paths:
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise FileNotFoundError(f"{path} is not a readable file")
+        compression = os.path.splitext(path)[1].lower()
+        if compression in OTHER_COMPRESSIONS:
+            raise OSError(
+                f"{path} is {OTHER_COMPRESSIONS[compression]}-compressed: only plain "
+                "and .gz logs are read; decompress it first"
+            )
         # a symlink or another spelling of the same path is the same source
         files.append(os.path.realpath(path))
 

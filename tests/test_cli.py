@@ -1,6 +1,8 @@
 """The sender-filter command: lists, one-line refusals, JSON output."""
 
+import bz2
 import json
+import lzma
 import subprocess
 import sys
 import time
@@ -180,6 +182,25 @@ def test_ingest_of_a_missing_file_is_one_line(run):
     assert err.strip() == (
         "sender-filter ingest: /nonexistent/mail.log is not a readable file"
     )
+
+
+@pytest.mark.parametrize(("suffix", "kind"), [(".xz", "xz"), (".bz2", "bzip2")])
+def test_ingest_refuses_logs_compressed_other_than_gzip(run, tmp_path, suffix, kind):
+    path = tmp_path / f"mail.log.2{suffix}"
+    line = "Dec  4 10:00:00 mx1 postfix/smtpd[1]: connect from x[192.0.2.1]\n"
+    opener = lzma.open if suffix == ".xz" else bz2.open
+    with opener(path, "wt") as compressed:
+        compressed.write(line)
+
+    status, _, err = run("ingest", str(path))
+
+    assert status == 2
+    assert err.strip() == (
+        f"sender-filter ingest: {path} is {kind}-compressed: only plain and .gz "
+        "logs are read; decompress it first"
+    )
+    status, out, _ = run("--json", "status")
+    assert json.loads(out)["sources"] == []
 
 
 def test_options_may_come_before_the_subcommand(tmp_path, capsys):

@@ -39,6 +39,8 @@ def utc(monkeypatch):
         ("2026-12-04T04:00:00.000250-0600", NOW, "2026-12-04T10:00:00.00025+00:00"),
         ("2026-12-04 10:00:00", NOW, "2026-12-04T10:00:00+00:00"),
         ("2026-12-04 10:00:00.125", NOW, "2026-12-04T10:00:00.125+00:00"),
+        ("2026-12-05T12:00:00+00:00", NOW, "2026-12-05T12:00:00+00:00"),
+        ("2000-01-01T00:00:00Z", NOW, "2000-01-01T00:00:00+00:00"),
     ],
 )
 def test_stamp_is_read_as_utc_epoch_seconds(stamp, reference, expected):
@@ -69,6 +71,22 @@ def test_stamp_is_read_as_utc_epoch_seconds(stamp, reference, expected):
 )
 def test_text_without_a_stamp_gives_none(text):
     assert parse_stamp(text, reference=NOW) is None
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "2026-12-05T12:00:01+00:00",
+        "2099-06-01T00:00:00+00:00",
+        "9999-12-31T23:59:59-14:00",
+        "1999-12-31T23:59:59+00:00",
+        "0001-01-01T00:00:00+14:00",
+        "2099-06-01 00:00:00",
+    ],
+)
+def test_stamp_over_a_day_ahead_or_before_2000_is_not_read(stamp):
+    # read, it would hold a block or an entry in that year
+    assert parse_stamp(stamp + " mx1 postfix/smtpd[1]: x", reference=NOW) is None
 
 
 def test_classic_stamp_is_local_time(monkeypatch):

@@ -20,14 +20,14 @@ from datetime import datetime
 from appliance import addresses
 from appliance.config import THREAT_TYPES
 from appliance.events import MailEvent
+from appliance.sources.timestamps import EARLIEST
+from appliance.sources.timestamps import FUTURE_SLACK
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 FIELDS = ("time", "ip", "message", "verdicts", "recipients", "unknown_recipients")
 KEYS = frozenset((*FIELDS, "id"))
-EARLIEST = 946684800.0  # 2000-01-01T00:00:00Z
-FUTURE_SLACK = 86400.0
 MAX_RECIPIENTS = 10000
 MAX_ID_LENGTH = 128
 MAX_LINE = 4096

@@ -27,6 +27,7 @@ MONTHS: Final = {
     )
 }
 FUTURE_SLACK: Final = 86400.0
+EARLIEST: Final = 946684800.0  # 2000-01-01T00:00:00Z
 CACHE_LIMIT: Final = 4096
 
 CLASSIC: Final = re.compile(
@@ -82,6 +83,10 @@ class StampReader:
             else:
                 seconds = stamp.timestamp()
         except (ValueError, OverflowError, OSError):
+            return None
+        # a stamp years away is damage, not mail: it would hold a block or an
+        # entry there (the same bounds as events, docs/events.md)
+        if not EARLIEST <= seconds <= self.now() + FUTURE_SLACK:
             return None
         self.last_iso = (text, seconds)
         return self._found(text, seconds, end + 1)
