@@ -38,6 +38,8 @@ def main(argv=None):
         level=logging.DEBUG if args.verbose else quiet,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # every SQL statement at DEBUG would bury what -v is for
+    logging.getLogger("peewee").setLevel(logging.INFO)
 
     try:
         settings = config.load(args.config)

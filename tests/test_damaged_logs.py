@@ -251,7 +251,7 @@ def test_a_line_longer_than_the_cap_counts_once_as_not_understood(generated, tmp
     at_byte = len(b"".join(lines[:at]))
     assert [line.split(": ", 1)[1] for line in warnings] == [
         f"{damaged / 'mail.log'}: the line at byte {at_byte} is "
-        f"{len(long_line)} bytes long, over {LINE_BYTES}; "
+        f"{3 * LINE_BYTES} bytes long, over {LINE_BYTES}; "
         "counted as a line not understood"
     ]
     assert counted(damaged) == counted(short)

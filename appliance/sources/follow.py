@@ -239,6 +239,8 @@ class OpenedLog:
             more = self._more()
         if end < 0 and not self._whole(final):
             return []
+        # the line's bytes without its line end, then with it (what was read)
+        text_length = self.passing + max(end, 0)
         length = self.passing + end + 1
         self.held = more[end + 1 :]
         self.passing = None
@@ -247,7 +249,7 @@ class OpenedLog:
             "counted as a line not understood",
             self.path,
             self.offset,
-            length,
+            text_length,
             LINE_BYTES,
         )
         self.offset += length
