@@ -7,7 +7,6 @@ import logging
 import os
 import secrets
 import sys
-import zlib
 
 from appliance import config
 from appliance import kernelstatus
@@ -53,20 +52,11 @@ def main(argv=None):
     except (config.ConfigError, UsageError, service.Refused, OSError) as exc:
         print(f"sender-filter {args.command}: {exc}", file=sys.stderr)
         return 2
-    except (EOFError, zlib.error) as exc:
-        print(
-            f"sender-filter {args.command}: a compressed log is cut short or damaged "
-            f"({exc})",
-            file=sys.stderr,
-        )
-        return 2
     except KeyboardInterrupt:
         if args.command == "ingest":
-            print(
-                "sender-filter ingest: interrupted; what was read before is counted, "
-                "run it again to go on",
-                file=sys.stderr,
-            )
+            from appliance.ingest import RESUME
+
+            print(f"sender-filter ingest: interrupted; {RESUME}", file=sys.stderr)
         return 130
 
     if result is not None:

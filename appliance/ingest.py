@@ -38,6 +38,8 @@ CATCH_UP_LINES = 10000
 PART_LINES = 4000
 PIPE_BYTES = 1 << 20
 FILES_READ = "files-read:"
+# what an ingest stopped half-way has done, and what to do about it
+RESUME = "what was read before is counted, run it again to go on"
 # compressed logs read as text would count as garbage: refused by name
 OTHER_COMPRESSIONS = {
     ".xz": "xz",
@@ -58,7 +60,7 @@ class ReadingFailed(OSError):
     """The process reading ahead stopped: what was committed before is kept."""
 
     def __str__(self):
-        return f"{super().__str__()}; what was read before is counted, run it again"
+        return f"{super().__str__()}; {RESUME}"
 
 
 class ReaderLock:
